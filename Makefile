@@ -1,0 +1,34 @@
+# lmslim: two commands on a fresh machine.
+#   make test  - create/reuse .venv and run the test suite (what CI runs)
+#   make demo  - create/reuse .venv, fetch the offline assets, run the main job
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lmslim-installed
+DEMO_OUT ?= runs/demo
+
+.PHONY: test demo venv bench-baseline clean
+
+venv: $(STAMP)
+
+# torch first, pinned: on this machine 2.13.0 is a local CPU build; an unpinned torch would pull a
+# multi-GB CUDA build. The project's own range (torch<2.15) is then already satisfied.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,parquet]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/lmslim fetch all
+	$(VENV)/bin/lmslim eval builtin:smollm2-135m --data builtin:wiki:test --max-tokens 8192 --json $(DEMO_OUT)/smollm2-eval.json
+	$(VENV)/bin/lmslim bench builtin:smollm2-135m --json $(DEMO_OUT)/smollm2-bench.json
+	$(VENV)/bin/lmslim compare $(DEMO_OUT)/smollm2-eval.json $(DEMO_OUT)/smollm2-bench.json --markdown $(DEMO_OUT)/summary.md
+	@echo "results: $(abspath $(DEMO_OUT))"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from lmslim.cli.main import main
+
+sys.exit(main())

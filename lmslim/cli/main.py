@@ -32,6 +32,7 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow model code fro
 def _quiet_libraries() -> None:
     # transformers' own progress bars and advisory warnings would bury our one-line output.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader draws its own tqdm bar
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -60,7 +60,7 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure_bandwidth(mb: int = 256, repeats: int = 7) -> float:
+def measure_bandwidth(mb: int = 256, repeats: int = 10) -> float:
     """Memory read bandwidth in GB/s: best of ``repeats`` full reductions over an ``mb`` MiB buffer."""
     x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
     x.sum()  # touch every page first

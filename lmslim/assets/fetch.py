@@ -117,14 +117,19 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def _write_manifest(folder: Path, info: dict) -> None:
-    info = {**info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info = {**info, "format_version": FORMAT_VERSION[info["name"]],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
 
 
+# Bump when the preparation of an asset changes, so caches built by older code are rebuilt.
+FORMAT_VERSION = {"smollm2-135m": 1, "minilm-l6": 1, "wiki": 2}
+
+
 def _verified(folder: Path, verify: bool) -> bool:
-    """True when ``folder`` holds a complete asset (and, if asked, its checksums still match)."""
+    """True when ``folder`` holds a complete asset of the current format (and, if asked, its checksums match)."""
     manifest = read_manifest(folder)
-    if manifest is None:
+    if manifest is None or manifest.get("format_version", 1) != FORMAT_VERSION.get(manifest.get("name"), 1):
         return False
     if not verify:
         return True

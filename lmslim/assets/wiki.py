@@ -22,7 +22,10 @@ SPLITS = ("train", "validation", "test")
 _SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
 _MIN_CHARS = 500  # stubs and disambiguation pages carry little text worth scoring
 
-_DROP_LINE = re.compile(r"^\s*(\{\||\|\}|\||!|\{\{|\}\}|=+|__\w+__|Category:|File:|Image:|thumb\|)")
+_DROP_LINE = re.compile(r"^\s*(\{\||\|\}|\||!|\{\{|\}\}|=+|__\w+__|Category:|File:|Image:|thumb\||\[\[(File|Image):)")
+# Residue of malformed markup that the parser leaves as text: an unclosed <ref> or template runs to
+# the end of its line.
+_RESIDUE = re.compile(r"<ref[^>]*>.*?(</ref>|$)|\{\{.*?(\}\}|$)")
 _DROP_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "bibliography",
                   "sources", "citations", "footnotes"}
 
@@ -61,6 +64,9 @@ def wikitext_to_plain(wikitext: str) -> str:
     for raw in code.strip_code(normalize=True, collapse=True).splitlines():
         line = raw.strip()
         if not line or _DROP_LINE.match(line):
+            continue
+        line = _RESIDUE.sub("", line).strip()
+        if not line:
             continue
         line = re.sub(r"^[*#:;]+\s*", "", line)  # list markers
         line = re.sub(r"\s+", " ", line)

@@ -64,3 +64,10 @@ def test_gensim_text_sets(tmp_path):
     assert gensim_text.write_lee_pairs(tmp_path / "docs", tmp_path / "sims", tmp_path / "l.jsonl") == 3
     rows = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
     assert rows[2] == {"sentence1": "doc b", "sentence2": "doc c", "score": 0.9}
+
+
+def test_malformed_markup_residue_is_removed():
+    text = wiki.wikitext_to_plain("He sat on the board.<ref>{{cite web |url=http://x.org/a\nNext line here.\n"
+                                  "[[File:Tree.svg|thumb|A [[tree]] diagram\nLast line.")
+    assert "<ref" not in text and "{{" not in text and "[[" not in text
+    assert "He sat on the board." in text and "Last line." in text

@@ -1,0 +1,137 @@
+"""Integer weight formats: group-wise round-to-nearest, bit packing, and the fake-quant reference.
+
+A weight ``W`` of shape (out, in) is split along the input dimension into groups of ``group_size``
+columns (``None`` = one group per row, i.e. per output channel). Each (row, group) gets a scale and
+a zero point; codes are unsigned integers in ``[0, 2^bits - 1]`` and dequantize as
+``(q - zero) * scale``. Symmetric schemes use ``zero = 2^(bits-1)`` and ``scale = max|w| / (2^(bits-1) - 1)``;
+asymmetric schemes map ``[min, max]`` of the group onto the full code range.
+
+**Partial groups.** When ``group_size`` does not divide ``in`` (SmolLM2: 576 columns, group 128),
+the last group is simply shorter (576 = 4·128 + 64): its scale and zero come from its own 64
+columns. Nothing is padded in the stored codes.
+
+Example:
+    >>> import torch
+    >>> from lmslim.compress.quantize.scheme import Scheme, quantize_weight, dequantize
+    >>> w = torch.randn(8, 20)
+    >>> q, s, z = quantize_weight(w, Scheme(bits=4, group_size=8))
+    >>> dequantize(q, s, z, 8).shape
+    torch.Size([8, 20])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmslim.core.errors import UserError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one weight matrix is quantized."""
+
+    bits: int = 4
+    group_size: int | None = 128  # None: per output channel
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise UserError(f"unsupported bits {self.bits}; integer weight formats support {SUPPORTED_BITS}")
+        if self.group_size is not None and self.group_size < 1:
+            raise UserError(f"group size must be >= 1 (or omitted for per-channel), got {self.group_size}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1
+
+    def n_groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
+
+    def group(self, in_features: int) -> int:
+        return in_features if self.group_size is None else self.group_size
+
+
+def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each (row, group) of ``w`` (out, in) -> two (out, n_groups) tensors."""
+    out, k = w.shape
+    g = scheme.group(k)
+    scales, zeros = [], []
+    for start in range(0, k, g):
+        s, z = _params_for(w[:, start:start + g], scheme)
+        scales.append(s)
+        zeros.append(z)
+    return torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def _params_for(block: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of a (out, cols) block."""
+    block = block.float()
+    if scheme.symmetric:
+        half = 2 ** (scheme.bits - 1)
+        scale = block.abs().amax(1) / (half - 1)
+        zero = torch.full_like(scale, float(half))
+    else:
+        lo = block.amin(1).clamp(max=0)
+        hi = block.amax(1).clamp(min=0)
+        scale = (hi - lo) / scheme.qmax
+        zero = torch.round(-lo / scale.clamp(min=1e-12)).clamp(0, scheme.qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: any scale works
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Codes for ``w`` given per-(row, group) ``scale``/``zero`` of shape (out, n_groups)."""
+    k = w.shape[1]
+    s = expand_groups(scale, scheme.group(k), k)
+    z = expand_groups(zero, scheme.group(k), k)
+    return torch.clamp(torch.round(w.float() / s) + z, 0, scheme.qmax).to(torch.uint8)
+
+
+def quantize_weight(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: (codes uint8 (out, in), scale (out, G) fp32, zero (out, G) fp32)."""
+    scale, zero = group_params(w, scheme)
+    return quantize_with(w, scale, zero, scheme), scale, zero
+
+
+def expand_groups(t: torch.Tensor, group: int, in_features: int) -> torch.Tensor:
+    """(out, G) per-group values -> (out, in) per-column values (last group may be partial)."""
+    return t.repeat_interleave(group, dim=1)[:, :in_features]
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    k = q.shape[1]
+    return (q.float() - expand_groups(zero, group, k)) * expand_groups(scale, group, k)
+
+
+def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """The plain-PyTorch reference: quantize and immediately dequantize."""
+    q, s, z = quantize_weight(w, scheme)
+    return dequantize(q, s, z, scheme.group(w.shape[1])).to(w.dtype)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit codes (any shape) densely into a flat uint8 tensor."""
+    flat = codes.reshape(-1).cpu().numpy().astype(np.uint8)
+    if bits == 8:
+        return torch.from_numpy(flat.copy())
+    # One row per code, its bits little-endian; then the bit stream is cut into bytes.
+    bitplanes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]  # (N, bits)
+    return torch.from_numpy(np.packbits(bitplanes.reshape(-1), bitorder="little"))
+
+
+def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack`."""
+    n = int(np.prod(shape))
+    raw = packed.cpu().numpy().astype(np.uint8)
+    if bits == 8:
+        return torch.from_numpy(raw[:n].copy()).reshape(shape)
+    bitstream = np.unpackbits(raw, bitorder="little")[: n * bits].reshape(n, bits)
+    padded = np.zeros((n, 8), dtype=np.uint8)
+    padded[:, :bits] = bitstream
+    return torch.from_numpy(np.packbits(padded, axis=1, bitorder="little").reshape(shape))

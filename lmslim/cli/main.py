@@ -181,6 +181,78 @@ def bench(
     _write_json(json_out, result)
 
 
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Model spec (full precision)."),
+    method: str = typer.Option(..., "--method", help="dynamic-int8 | rtn | gptq | smoothquant"),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits (rtn/gptq: 2, 3, 4, 8; default 4)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size",
+                                             help="Columns per scale; 0 = per output channel (default: 128, or 0 for 8 bits)."),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric",
+                                             help="Grid symmetry (default: symmetric for 8 bits, asymmetric below)."),
+    calib: str = typer.Option("builtin:wiki:train", "--calib", help="Calibration text (gptq, smoothquant)."),
+    calib_samples: int = typer.Option(128, "--calib-samples"),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
+    kernel: str = typer.Option("auto", "--kernel", help="auto | dequant | fbgemm"),
+    act_order: bool = typer.Option(False, "--act-order", help="gptq: quantize columns by decreasing Hessian diagonal."),
+    damp: float = typer.Option(0.01, "--damp", help="gptq: Hessian dampening (fraction of mean diagonal)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="smoothquant: migration strength."),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
+    ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to keep in full precision (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    threads: Optional[int] = ThreadsOpt, trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Quantize a model and save it (packed integer weights + scales, reloadable by every command)."""
+    import json as _json
+    import time
+
+    from lmslim.compress.quantize import QUANTIZERS, quantize_
+    from lmslim.compress.quantize.serialize import save_quantized
+    from lmslim.core.io import atomic_dir, check_writable_target
+    from lmslim.core.models import load_model
+    from lmslim.core.runtime import Runtime
+    from lmslim.measure.bench import peak_rss_mb
+
+    cls = QUANTIZERS.config_class(method)
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"output {out_dir} already exists; choose a new --out or pass --overwrite")
+    check_writable_target(out_dir / "config.json")
+    kwargs: dict = {"kernel": kernel, "include_lm_head": include_lm_head, "ignore": tuple(ignore)}
+    if method in ("rtn", "gptq"):
+        b = 4 if bits is None else bits
+        kwargs.update(bits=b, group_size=(None if b == 8 else 128) if group_size is None else (group_size or None),
+                      symmetric=(b == 8) if symmetric is None else symmetric)
+    elif bits not in (None, 8) or group_size not in (None, 0):
+        raise UserError(f"{method} is int8 per output channel; --bits/--group-size do not apply")
+    if method == "gptq":
+        kwargs.update(act_order=act_order, damp=damp)
+    if method == "smoothquant":
+        kwargs.update(alpha=alpha)
+    config = cls(**kwargs)
+    rt = Runtime.create(device="cpu", threads=threads)
+    lm = load_model(model, task="clm", dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
+    calib_ids = None
+    if getattr(config, "needs_calibration", False):
+        from lmslim.data.calib import calibration_ids
+        from lmslim.data.spec import load_data
+
+        calib_ids = calibration_ids(lm.tokenizer, load_data(calib, task="clm").documents, calib_samples, seq_len)
+    size_before = lm.resolved.size_bytes()
+    t0 = time.perf_counter()
+    report = quantize_(lm.model, config, calib_ids)
+    with atomic_dir(out_dir) as tmp:
+        save_quantized(lm.model, lm.tokenizer, tmp)
+        size_after = (tmp / "model.safetensors").stat().st_size
+        report.update({"model": model, "weights_sha256": lm.resolved.weights_hash(), "calib": calib if calib_ids
+                       is not None else None, "size_mb_before": size_before / 1e6, "size_mb_after": size_after / 1e6,
+                       "peak_rss_mb": peak_rss_mb(), "wall_seconds": time.perf_counter() - t0})
+        (tmp / "lmslim_quantize.json").write_text(_json.dumps(report, indent=2, default=str) + "\n")
+    out.print(f"{method}: {report['modules']} modules quantized in {report['seconds']:.1f} s; "
+              f"{size_before / 1e6:.1f} MB -> {size_after / 1e6:.1f} MB; peak RSS {report['peak_rss_mb']:.0f} MB")
+    out.print(f"wrote {out_dir}")
+
+
 def _causal_or_embed(resolved) -> str:
     import json
 

@@ -85,6 +85,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:

@@ -231,7 +231,14 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
     check_task(config, task, spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = _auto_class(task).from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
+        if getattr(config, "lmslim_quantization", None) and resolved.path is not None:
+            from lmslim.compress.quantize.serialize import load_quantized
+
+            model = load_quantized(resolved.path, config, _auto_class(task))
+        else:
+            model = _auto_class(task).from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise _load_error(spec, resolved, e) from e
     model.to(device)

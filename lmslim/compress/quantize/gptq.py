@@ -1,0 +1,197 @@
+"""GPTQ: quantize a weight matrix column by column, folding each column's rounding error into the
+columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+https://arxiv.org/abs/2210.17323. For a linear layer with inputs X, the layer-wise loss
+``||WX - ŴX||²`` has Hessian ``H = 2XXᵀ``; quantizing column j with error e_j is compensated by the
+update ``-e_j / [H⁻¹]_jj · [H⁻¹]_j,:`` on the remaining columns. Columns are processed in blocks
+(lazy batch updates), ``H⁻¹`` comes from a Cholesky factorisation of the damped Hessian
+(``H + λ·mean(diag H)·I``), and calibration runs sequentially through the blocks
+(``lmslim.compress.calibration``).
+
+Group scales: without act-order, a group's scale and zero are fitted when its first column is
+reached, on the already-updated weights. With act-order (columns in decreasing ``diag H``), groups
+keep their original contiguous columns and their parameters are fitted up front ("static groups"),
+so the stored format is the same as RTN's.
+
+Example:
+    >>> import torch
+    >>> from lmslim.assets.tiny import build_tiny
+    >>> from lmslim.compress.quantize import quantize_, GPTQConfig
+    >>> model, _ = build_tiny("tiny-llama")
+    >>> calib = torch.randint(10, 200, (4, 32))
+    >>> quantize_(model, GPTQConfig(bits=4, group_size=32), calib)["modules"]
+    14
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lmslim.compress.calibration import InputStats, run_block, sequential, transformer_blocks
+from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, resolve_kernel, targets_of
+from lmslim.compress.quantize.linear import QuantLinear, linear_weight
+from lmslim.compress.quantize.scheme import Scheme, _params_for, group_params
+from lmslim.core.errors import UserError
+from lmslim.core.progress import track
+from lmslim.core.targeting import set_submodule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(TargetSpec):
+    """GPTQ with group-wise scales.
+
+    Args:
+        bits: 2, 3, 4 or 8.
+        group_size: columns per scale (``None``: per output channel).
+        symmetric: symmetric or asymmetric grid.
+        damp: λ, the Hessian dampening as a fraction of its mean diagonal.
+        act_order: quantize columns in decreasing order of ``diag H`` (helps at 3 bits).
+        block_size: columns per lazy-update block.
+        batch_size: calibration samples per forward pass.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    batch_size: int = 8
+    needs_calibration: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_targets()
+        Scheme(self.bits, self.group_size, self.symmetric)
+        if not 0 < self.damp < 1:
+            raise UserError(f"damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1 or self.batch_size < 1:
+            raise UserError("block_size and batch_size must be >= 1")
+
+    @property
+    def scheme(self) -> Scheme:
+        return Scheme(self.bits, self.group_size, self.symmetric)
+
+
+def _qdq(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.clamp(torch.round(col / scale) + zero, 0, qmax)
+    return q, (q - zero) * scale
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped H⁻¹ (the rows GPTQ's updates use)."""
+    h = h.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    for attempt in range(5):
+        try:
+            lower = torch.linalg.cholesky(h)
+            break
+        except RuntimeError:  # not positive definite: dampen more
+            h.diagonal().add_(damp * h.diagonal().mean() * 10 ** attempt)
+    else:
+        raise UserError("GPTQ: the Hessian is not positive definite even after extra dampening; "
+                        "use more calibration samples or a larger damp")
+    hinv = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, damp: float = 0.01,
+                  act_order: bool = False, block_size: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ codes for ``weight`` (out, in) given ``hessian`` (in, in). Returns (codes, scale, zero)."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    out, k = w.shape
+    dead = h.diagonal() == 0  # inputs that were always zero: any value works, make it exact
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    g = scheme.group(k)
+    n_groups = scheme.n_groups(k)
+    scale = torch.ones(out, n_groups)
+    zero = torch.zeros(out, n_groups)
+    static = act_order or scheme.group_size is None
+    if static:
+        scale, zero = group_params(w, scheme)
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    u = inverse_hessian_factor(h, damp)
+    codes = torch.zeros(out, k)
+    if not static:
+        block_size = max(g, (block_size // g) * g)  # group starts must fall inside the block being fitted
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        wb = w[:, b0:b1].clone()
+        errs = torch.zeros_like(wb)
+        ub = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = int(perm[b0 + i])  # original column index
+            grp = col // g
+            if not static and col % g == 0:
+                scale[:, grp], zero[:, grp] = _params_for(wb[:, i:i + g], scheme)
+            q, dq = _qdq(wb[:, i], scale[:, grp], zero[:, grp], scheme.qmax)
+            codes[:, b0 + i] = q
+            err = (wb[:, i] - dq) / ub[i, i]
+            wb[:, i:] -= err.unsqueeze(1) * ub[i, i:].unsqueeze(0)  # compensate in this block
+            errs[:, i] = err
+        w[:, b1:] -= errs @ u[b0:b1, b1:]  # lazy update of the later blocks
+    unperm = torch.empty_like(codes)
+    unperm[:, perm] = codes
+    return unperm.to(torch.uint8), scale, zero
+
+
+@QUANTIZERS.register("gptq", GPTQConfig)
+def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
+    if calib is None or calib.numel() == 0:
+        raise UserError("GPTQ needs calibration data; none was given")
+    targets = dict(targets_of(model, config))
+    scheme = config.scheme
+    kernel = resolve_kernel(config.kernel)
+    errors: dict[str, float] = {}
+
+    def compress_block(_path, block, mods, inputs):
+        widths = {n: linear_weight(m).shape[1] for n, m in mods.items()}
+        hessians = {n: torch.zeros(k, k) for n, k in widths.items()}
+        counts = {n: 0 for n in mods}
+
+        def update(name, x):  # x: (N, K)
+            hessians[name] += x.t() @ x
+            counts[name] += x.shape[0]
+
+        stats = InputStats(mods, update)
+        try:
+            for inp in inputs:
+                run_block(block, inp)
+        finally:
+            stats.remove()
+        for name, mod in mods.items():
+            h = hessians[name] * (2 / max(counts[name], 1))
+            w = linear_weight(mod)
+            codes, scale, zero = gptq_quantize(w, h, scheme, config.damp, config.act_order, config.block_size)
+            bias = mod.bias.data if getattr(mod, "bias", None) is not None else None
+            q = QuantLinear.from_codes(codes, scale, zero, scheme, bias, kernel)
+            delta = w - q.dequantized_weight()
+            errors[name] = float(torch.trace(delta @ h @ delta.t()) / max(torch.trace(w @ h @ w.t()), 1e-12))
+            set_submodule(model, name, q)
+
+    _, blocks = transformer_blocks(model)
+    for _ in track(sequential(model, calib, set(targets), config.batch_size, compress_block), "GPTQ blocks",
+                   total=len(blocks)):
+        pass
+    # Matrices outside the transformer blocks (e.g. a quantized LM head) get RTN: GPTQ needs block inputs.
+    leftovers = [n for n in targets if n not in errors]
+    if leftovers:
+        from lmslim.compress.quantize.rtn import replace_with_quant
+
+        for name in leftovers:
+            replace_with_quant(model, name, targets[name], scheme, config.kernel)
+        log.info("GPTQ: %d module(s) outside the transformer blocks used RTN: %s", len(leftovers), leftovers)
+    return {"calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+            "relative_output_error_mean": sum(errors.values()) / max(len(errors), 1),
+            "rtn_modules": leftovers}

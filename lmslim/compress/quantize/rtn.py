@@ -1,0 +1,84 @@
+"""Round-to-nearest weight quantization (int8 per channel, int2/3/4/8 group-wise) and dynamic int8.
+
+RTN rounds each weight to the nearest code of its (row, group) grid; no data needed.
+``DynamicInt8Config`` is int8 symmetric per-output-channel weights run by an int8 GEMM with activations
+quantized per token at run time (W8A8); it covers ``nn.Linear`` and GPT-2's ``Conv1D``.
+
+Example:
+    >>> from lmslim.assets.tiny import build_tiny
+    >>> from lmslim.compress.quantize import quantize_, DynamicInt8Config
+    >>> model, _ = build_tiny("tiny-gpt2")
+    >>> quantize_(model, DynamicInt8Config())["modules"]  # GPT-2's Conv1D layers included
+    8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, resolve_kernel, targets_of
+from lmslim.compress.quantize.linear import QuantLinear, linear_weight
+from lmslim.compress.quantize.scheme import Scheme, quantize_weight
+from lmslim.core.errors import UserError
+from lmslim.core.targeting import set_submodule
+
+
+@dataclass(frozen=True)
+class RTNConfig(TargetSpec):
+    """Weight-only round-to-nearest.
+
+    Args:
+        bits: 2, 3, 4 or 8.
+        group_size: columns per scale; ``None`` for one scale per output channel. A group size that
+            does not divide the input width leaves a shorter last group (see ``scheme.py``).
+        symmetric: zero point fixed at mid-range (True) or fitted per group (False).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_targets()
+        Scheme(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+
+    @property
+    def scheme(self) -> Scheme:
+        return Scheme(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class DynamicInt8Config(TargetSpec):
+    """int8 per-channel symmetric weights, int8 per-token activations computed at run time."""
+
+    kernel: str = "int8"
+
+    def __post_init__(self) -> None:
+        self._check_targets()
+        if self.kernel not in ("auto", "int8", "fbgemm"):
+            raise UserError(f"dynamic int8 runs on an int8 kernel (int8 or fbgemm), not {self.kernel!r}")
+
+
+def replace_with_quant(model, name: str, module, scheme: Scheme, kernel: str, weight=None) -> QuantLinear:
+    """Swap ``module`` for a QuantLinear holding RTN codes of ``weight`` (default: its own weight)."""
+    w = linear_weight(module) if weight is None else weight
+    codes, scale, zero = quantize_weight(w, scheme)
+    bias = module.bias.data if getattr(module, "bias", None) is not None else None
+    q = QuantLinear.from_codes(codes, scale, zero, scheme, bias, resolve_kernel(kernel))
+    set_submodule(model, name, q)
+    return q
+
+
+@QUANTIZERS.register("rtn", RTNConfig)
+def _rtn(model, config: RTNConfig, calib=None) -> dict:
+    for name, module in targets_of(model, config):
+        replace_with_quant(model, name, module, config.scheme, config.kernel)
+    return {}
+
+
+@QUANTIZERS.register("dynamic-int8", DynamicInt8Config)
+def _dynamic(model, config: DynamicInt8Config, calib=None) -> dict:
+    scheme = Scheme(bits=8, group_size=None, symmetric=True)
+    for name, module in targets_of(model, config):
+        replace_with_quant(model, name, module, scheme, config.kernel)
+    return {}

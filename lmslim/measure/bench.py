@@ -174,8 +174,24 @@ def bench(loaded, cfg: BenchConfig, device: torch.device | str = "cpu") -> dict[
         / (statistics.median(prefill) / 1000) / 1e9,
         "context_for_cost": context,
     })
-    result["notes"] = verdict(result, causal)
+    kernels = sorted({m.kernel for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "cost_profile")})
+    quant = getattr(model.config, "lmslim_quantization", None)
+    if quant:
+        result["quantization"] = {"method": quant.get("method"), "kernels": kernels,
+                                  "bits": sorted({m["bits"] for m in quant.get("modules", {}).values()})}
+    result["notes"] = verdict(result, causal) + kernel_notes(kernels)
     return result
+
+
+def kernel_notes(kernels: list[str]) -> list[str]:
+    notes = []
+    if "dequant" in kernels:
+        notes.append("some layers dequantize their integer weights on every call (no integer kernel used): "
+                     "smaller on disk, but expect them to run slower than fp32 on this device")
+    if "int8" in kernels or "fbgemm" in kernels:
+        notes.append("integer layers run as W8A8 int8 GEMMs with per-token activation quantization; "
+                     "compare decode/prefill against the fp32 model measured in the same run to see the real speedup")
+    return notes
 
 
 def verdict(r: dict[str, Any], causal: bool) -> list[str]:

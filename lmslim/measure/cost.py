@@ -65,10 +65,13 @@ def shape_of(model: nn.Module) -> ModelShape:
 
     matmul_ptrs: set[int] = set()
     linear_params = 0
+    # Compressed layers (e.g. QuantLinear) keep their weights in buffers and describe their own cost.
+    profiles = [m.cost_profile() for m in model.modules() if hasattr(m, "cost_profile")]
     for mod in model.modules():
         if _is_matmul_module(mod):
             linear_params += mod.weight.numel()
             matmul_ptrs.add(mod.weight.data_ptr())
+    linear_params += sum(p["matmul_params"] for p in profiles)
     embedding_ptrs = {mod.weight.data_ptr() for mod in model.modules() if isinstance(mod, nn.Embedding)}
 
     seen: set[int] = set()
@@ -82,6 +85,9 @@ def shape_of(model: nn.Module) -> ModelShape:
         # A lookup reads one row of an embedding table; a tied LM head reads all of it.
         if p.data_ptr() not in embedding_ptrs or p.data_ptr() in matmul_ptrs:
             weight_bytes += _tensor_bytes(p)
+    params += sum(p["params"] for p in profiles)
+    nonzero += sum(p["nonzero"] for p in profiles)
+    weight_bytes += sum(p["weight_bytes"] for p in profiles)
     elem = next(model.parameters()).element_size()
     kv = 2 * n_layers * n_kv * head_dim * elem
     return ModelShape(n_layers, n_heads, n_kv, head_dim, linear_params, weight_bytes, params, nonzero, kv)

@@ -142,6 +142,18 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def cost_profile(self) -> dict[str, int]:
+        """Logical parameters, non-zeros, and bytes a forward pass reads (for ``lmslim.measure.cost``)."""
+        params = self.in_features * self.out_features
+        nonzero = int(torch.count_nonzero(self.dequantized_weight()).item())
+        if self.kernel in ("int8", "fbgemm"):
+            weight_bytes = params + self.out_features * 4  # int8 weights + per-channel scales
+        else:
+            weight_bytes = params + self.scale.numel() * 4 + self.zero.numel()  # uint8 codes, scales, zeros
+        extra = 0 if self.bias is None else self.out_features
+        return {"params": params + extra, "nonzero": nonzero + extra, "weight_bytes": weight_bytes + extra * 4,
+                "matmul_params": params}
+
     def extra_repr(self) -> str:
         g = self.scheme.group_size or "channel"
         sym = "sym" if self.scheme.symmetric else "asym"

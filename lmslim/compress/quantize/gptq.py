@@ -59,8 +59,10 @@ class GPTQConfig(TargetSpec):
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
-    damp: float = 0.01
-    act_order: bool = False
+    # Defaults measured on SmolLM2-135M (w4 g128, 32×512 calibration tokens, 4096 test tokens):
+    # damp 0.01 → ppl 35.4, act-order → 31.6, act-order + damp 0.1 → 30.8 (RTN: 33.3).
+    damp: float = 0.1
+    act_order: bool = True
     block_size: int = 128
     batch_size: int = 8
     needs_calibration: bool = True

@@ -1,0 +1,149 @@
+"""SmoothQuant: move activation outliers into the weights, then W8A8.
+
+Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language
+Models", https://arxiv.org/abs/2211.10438. For a linear layer ``y = x W`` the input channel j can be
+divided by ``s_j`` and the weight's row j multiplied by it without changing ``y``. With
+``s_j = max|X_j|^α / max|W_j|^(1-α)`` the activation outlier channels shrink and the weights absorb
+them, so both quantize well at 8 bits. The division is folded into the operation that produces x:
+
+- Llama-style blocks: ``input_layernorm`` → q/k/v, ``post_attention_layernorm`` → gate/up, and
+  ``up_proj`` → ``down_proj`` (the MLP's input to ``down_proj`` is linear in ``up_proj``'s output);
+- GPT-2 blocks: ``ln_1`` → ``attn.c_attn`` and ``ln_2`` → ``mlp.c_fc``.
+
+The smoothed model is then quantized like ``dynamic-int8`` (per-token activations, int8 weights).
+
+Example:
+    >>> import torch
+    >>> from lmslim.assets.tiny import build_tiny
+    >>> from lmslim.compress.quantize import quantize_, SmoothQuantConfig
+    >>> model, _ = build_tiny("tiny-llama")
+    >>> quantize_(model, SmoothQuantConfig(alpha=0.5), torch.randint(10, 200, (4, 32)))["smoothed_groups"]
+    6
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmslim.compress.calibration import transformer_blocks
+from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, targets_of
+from lmslim.compress.quantize.rtn import _dynamic, DynamicInt8Config
+from lmslim.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# (producer, consumers) inside one block, by relative module name.
+_GROUPS = {
+    "llama": [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+              ("mlp.up_proj", ("mlp.down_proj",))],
+    "gpt2": [("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))],
+}
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(TargetSpec):
+    """Smoothing strength ``alpha`` in [0, 1] (0: no migration; 0.5 is the paper's default)."""
+
+    alpha: float = 0.5
+    batch_size: int = 8
+    kernel: str = "int8"
+    needs_calibration: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_targets()
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D"
+
+
+def _in_weight_view(m: nn.Module) -> torch.Tensor:
+    """The weight with input channels on the last dim: (out, in)."""
+    return m.weight.data.t() if _is_conv1d(m) else m.weight.data
+
+
+@torch.no_grad()
+def activation_maxima(model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, batch_size: int
+                      ) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of each module over the calibration set."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, args, _out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            model(input_ids=calib[i:i + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return maxima
+
+
+@torch.no_grad()
+def smooth_(producer: nn.Module, consumers: list[nn.Module], act_max: torch.Tensor, alpha: float) -> None:
+    """Fold ``s`` into ``producer``'s output channels (÷) and ``consumers``' input channels (×)."""
+    w_max = torch.stack([_in_weight_view(c).abs().amax(0) for c in consumers]).amax(0)  # (in,)
+    s = (act_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+    if isinstance(producer, nn.Linear) or _is_conv1d(producer):  # e.g. up_proj: scale its output rows
+        if _is_conv1d(producer):
+            producer.weight.data.div_(s.unsqueeze(0))
+        else:
+            producer.weight.data.div_(s.unsqueeze(1))
+    else:  # a norm: y = weight * norm(x) (+ bias)
+        producer.weight.data.div_(s)
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.data.div_(s)
+    for c in consumers:
+        if _is_conv1d(c):
+            c.weight.data.mul_(s.unsqueeze(1))  # Conv1D weight is (in, out)
+        else:
+            c.weight.data.mul_(s.unsqueeze(0))
+
+
+def _family(block: nn.Module) -> str | None:
+    names = {n for n, _ in block.named_modules()}
+    for fam, groups in _GROUPS.items():
+        if all(p in names and all(c in names for c in cs) for p, cs in groups):
+            return fam
+    return None
+
+
+@QUANTIZERS.register("smoothquant", SmoothQuantConfig)
+def _smoothquant(model, config: SmoothQuantConfig, calib: torch.Tensor | None) -> dict:
+    if calib is None or calib.numel() == 0:
+        raise UserError("SmoothQuant needs calibration data; none was given")
+    targets = dict(targets_of(model, config))
+    path, blocks = transformer_blocks(model)
+    plan = []  # (producer, [consumers], consumer full names)
+    for i, block in enumerate(blocks):
+        fam = _family(block)
+        if fam is None:
+            continue
+        for prod, cons in _GROUPS[fam]:
+            names = [f"{path}.{i}.{c}" for c in cons]
+            if all(n in targets for n in names):
+                plan.append((block.get_submodule(prod), [block.get_submodule(c) for c in cons], names))
+    if not plan:
+        log.warning("SmoothQuant: no smoothable (norm/linear -> linear) pairs in %s; quantizing without smoothing",
+                    type(model).__name__)
+    first_consumers = {names[0]: targets[names[0]] for _, _, names in plan}
+    maxima = activation_maxima(model, first_consumers, calib, config.batch_size)
+    for producer, consumers, names in plan:
+        smooth_(producer, consumers, maxima[names[0]], config.alpha)
+    dyn = DynamicInt8Config(targets=config.targets, ignore=config.ignore, include_lm_head=config.include_lm_head,
+                            kernel=config.kernel)
+    _dynamic(model, dyn)
+    return {"smoothed_groups": len(plan), "alpha": config.alpha,
+            "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}}

@@ -200,6 +200,7 @@ def quantize(
     damp: float = typer.Option(0.1, "--damp", help="gptq: Hessian dampening (fraction of mean diagonal)."),
     alpha: float = typer.Option(0.5, "--alpha", help="smoothquant: migration strength."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
+    target: list[str] = typer.Option(["*"], "--target", help="Module-name glob to quantize (repeatable; re: for regex)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to keep in full precision (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = ThreadsOpt, trust_remote_code: bool = TrustOpt,
@@ -219,7 +220,8 @@ def quantize(
     if out_dir.exists() and not overwrite:
         raise UserError(f"output {out_dir} already exists; choose a new --out or pass --overwrite")
     check_writable_target(out_dir / "config.json")
-    kwargs: dict = {"kernel": kernel, "include_lm_head": include_lm_head, "ignore": tuple(ignore)}
+    kwargs: dict = {"kernel": kernel, "include_lm_head": include_lm_head, "targets": tuple(target),
+                    "ignore": tuple(ignore)}
     if method in ("rtn", "gptq"):
         b = 4 if bits is None else bits
         kwargs.update(bits=b, group_size=(None if b == 8 else 128) if group_size is None else (group_size or None),

@@ -99,7 +99,7 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None) 
     report = {"method": name, "seconds": time.perf_counter() - t0, **report}
     modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     model.config.lmslim_quantization = {
-        "format": 1,
+        "format": 2,  # 2: fp16 scale + offset (1: fp32 scale + uint8 zero point)
         "method": name,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
         "modules": {n: {"in": m.in_features, "out": m.out_features, "bits": m.scheme.bits,

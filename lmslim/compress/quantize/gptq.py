@@ -9,7 +9,7 @@ update ``-e_j / [H⁻¹]_jj · [H⁻¹]_j,:`` on the remaining columns. Columns 
 (``H + λ·mean(diag H)·I``), and calibration runs sequentially through the blocks
 (``lmslim.compress.calibration``).
 
-Group scales: without act-order, a group's scale and zero are fitted when its first column is
+Group scales: without act-order, a group's scale and offset are fitted when its first column is
 reached, on the already-updated weights. With act-order (columns in decreasing ``diag H``), groups
 keep their original contiguous columns and their parameters are fitted up front ("static groups"),
 so the stored format is the same as RTN's.
@@ -80,9 +80,10 @@ class GPTQConfig(TargetSpec):
         return Scheme(self.bits, self.group_size, self.symmetric)
 
 
-def _qdq(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.clamp(torch.round(col / scale) + zero, 0, qmax)
-    return q, (q - zero) * scale
+def _qdq(col: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.clamp(torch.round((col - offset) / scale), 0, qmax)
+    return q, q * scale + offset
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -106,7 +107,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ codes for ``weight`` (out, in) given ``hessian`` (in, in). Returns (codes, scale, zero)."""
+    """GPTQ codes for ``weight`` (out, in) given ``hessian`` (in, in). Returns (codes, scale, offset)."""
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     out, k = w.shape
@@ -116,10 +117,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     g = scheme.group(k)
     n_groups = scheme.n_groups(k)
     scale = torch.ones(out, n_groups)
-    zero = torch.zeros(out, n_groups)
+    offset = torch.zeros(out, n_groups)
     static = act_order or scheme.group_size is None
     if static:
-        scale, zero = group_params(w, scheme)
+        scale, offset = group_params(w, scheme)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
@@ -136,8 +137,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             col = int(perm[b0 + i])  # original column index
             grp = col // g
             if not static and col % g == 0:
-                scale[:, grp], zero[:, grp] = _params_for(wb[:, i:i + g], scheme)
-            q, dq = _qdq(wb[:, i], scale[:, grp], zero[:, grp], scheme.qmax)
+                scale[:, grp], offset[:, grp] = _params_for(wb[:, i:i + g], scheme)
+            q, dq = _qdq(wb[:, i], scale[:, grp], offset[:, grp], scheme.qmax)
             codes[:, b0 + i] = q
             err = (wb[:, i] - dq) / ub[i, i]
             wb[:, i:] -= err.unsqueeze(1) * ub[i, i:].unsqueeze(0)  # compensate in this block
@@ -145,7 +146,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
         w[:, b1:] -= errs @ u[b0:b1, b1:]  # lazy update of the later blocks
     unperm = torch.empty_like(codes)
     unperm[:, perm] = codes
-    return unperm.to(torch.uint8), scale, zero
+    return unperm.to(torch.uint8), scale, offset
 
 
 @QUANTIZERS.register("gptq", GPTQConfig)
@@ -175,9 +176,9 @@ def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
         for name, mod in mods.items():
             h = hessians[name] * (2 / max(counts[name], 1))
             w = linear_weight(mod)
-            codes, scale, zero = gptq_quantize(w, h, scheme, config.damp, config.act_order, config.block_size)
+            codes, scale, offset = gptq_quantize(w, h, scheme, config.damp, config.act_order, config.block_size)
             bias = mod.bias.data if getattr(mod, "bias", None) is not None else None
-            q = QuantLinear.from_codes(codes, scale, zero, scheme, bias, kernel)
+            q = QuantLinear.from_codes(codes, scale, offset, scheme, bias, kernel)
             delta = w - q.dequantized_weight()
             errors[name] = float(torch.trace(delta @ h @ delta.t()) / max(torch.trace(w @ h @ w.t()), 1e-12))
             set_submodule(model, name, q)

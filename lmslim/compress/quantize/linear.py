@@ -1,7 +1,7 @@
 """The quantized linear layer and its CPU kernels.
 
 ``QuantLinear`` stores integer codes densely bit-packed (what goes to disk and what ``size_mb``
-counts), with per-(row, group) scales and zero points. Two execution kernels:
+counts), with per-(row, group) fp16 scales and offsets. Two execution kernels:
 
 - ``dequant``: unpack and dequantize the weight on every call, then an fp32 matmul. Exactly the
   weight-only math (activations stay fp32), but slower than fp32 on CPU: it is the reference.
@@ -54,19 +54,19 @@ class QuantLinear(nn.Module):
         n_groups = scheme.n_groups(in_features)
         n_bytes = (in_features * out_features * scheme.bits + 7) // 8
         self.register_buffer("qweight", torch.zeros(n_bytes, dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(out_features, n_groups))
-        self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._packed_int8 = None  # fbgemm prepacked weight, rebuilt from the codes, never saved
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: Scheme,
                    bias: torch.Tensor | None, kernel: str = "dequant") -> "QuantLinear":
         out, k = codes.shape
         mod = cls(k, out, scheme, bias is not None, kernel)
         mod.qweight.copy_(pack(codes, scheme.bits))
-        mod.scale.copy_(scale.float())
-        mod.zero.copy_(zero.round().to(torch.uint8))
+        mod.scale.copy_(scale.half())
+        mod.offset.copy_(offset.half())
         if bias is not None:
             mod.bias.copy_(bias.float())
         mod.prepare()
@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 weight (out, in) that the codes stand for."""
-        return dequantize(self.codes(), self.scale, self.zero.float(), self.scheme.group(self.in_features))
+        return dequantize(self.codes(), self.scale, self.offset, self.scheme.group(self.in_features))
 
     def prepare(self) -> None:
         """Build kernel-side state from the stored codes (after construction or loading)."""
@@ -109,7 +109,7 @@ class QuantLinear(nn.Module):
             return self._forward_int8(x)
         if self.kernel == "fbgemm":
             return self._forward_fbgemm(x)
-        w = dequantize(self._unpacked, self.scale, self.zero.float(), self.scheme.group(self.in_features))
+        w = dequantize(self._unpacked, self.scale, self.offset, self.scheme.group(self.in_features))
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ class QuantLinear(nn.Module):
         if self.kernel in ("int8", "fbgemm"):
             weight_bytes = params + self.out_features * 4  # int8 weights + per-channel scales
         else:
-            weight_bytes = params + self.scale.numel() * 4 + self.zero.numel()  # uint8 codes, scales, zeros
+            weight_bytes = params + (self.scale.numel() + self.offset.numel()) * 2  # uint8 codes, fp16 params
         extra = 0 if self.bias is None else self.out_features
         return {"params": params + extra, "nonzero": nonzero + extra, "weight_bytes": weight_bytes + extra * 4,
                 "matmul_params": params}

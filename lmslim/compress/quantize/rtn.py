@@ -31,7 +31,7 @@ class RTNConfig(TargetSpec):
         bits: 2, 3, 4 or 8.
         group_size: columns per scale; ``None`` for one scale per output channel. A group size that
             does not divide the input width leaves a shorter last group (see ``scheme.py``).
-        symmetric: zero point fixed at mid-range (True) or fitted per group (False).
+        symmetric: grid centred on zero (True) or spanning each group's [min, max] (False).
     """
 
     bits: int = 4
@@ -62,9 +62,9 @@ class DynamicInt8Config(TargetSpec):
 def replace_with_quant(model, name: str, module, scheme: Scheme, kernel: str, weight=None) -> QuantLinear:
     """Swap ``module`` for a QuantLinear holding RTN codes of ``weight`` (default: its own weight)."""
     w = linear_weight(module) if weight is None else weight
-    codes, scale, zero = quantize_weight(w, scheme)
+    codes, scale, offset = quantize_weight(w, scheme)
     bias = module.bias.data if getattr(module, "bias", None) is not None else None
-    q = QuantLinear.from_codes(codes, scale, zero, scheme, bias, resolve_kernel(kernel))
+    q = QuantLinear.from_codes(codes, scale, offset, scheme, bias, resolve_kernel(kernel))
     set_submodule(model, name, q)
     return q
 

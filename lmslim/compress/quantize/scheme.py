@@ -2,12 +2,14 @@
 
 A weight ``W`` of shape (out, in) is split along the input dimension into groups of ``group_size``
 columns (``None`` = one group per row, i.e. per output channel). Each (row, group) gets a scale and
-a zero point; codes are unsigned integers in ``[0, 2^bits - 1]`` and dequantize as
-``(q - zero) * scale``. Symmetric schemes use ``zero = 2^(bits-1)`` and ``scale = max|w| / (2^(bits-1) - 1)``;
-asymmetric schemes map ``[min, max]`` of the group onto the full code range.
+an offset, both stored as fp16; codes are unsigned integers in ``[0, 2^bits - 1]`` and dequantize as
+``q * scale + offset`` (the "scale + min" layout of llama.cpp's Q4_1). Asymmetric schemes map the
+group's ``[min, max]`` onto the full code range (``offset = min``, not forced to include zero);
+symmetric schemes use ``scale = max|w| / (2^(bits-1) - 1)`` and ``offset = -2^(bits-1) * scale``.
+Codes are computed against the fp16-rounded parameters, so stored and fitted grids agree.
 
 **Partial groups.** When ``group_size`` does not divide ``in`` (SmolLM2: 576 columns, group 128),
-the last group is simply shorter (576 = 4·128 + 64): its scale and zero come from its own 64
+the last group is simply shorter (576 = 4·128 + 64): its scale and offset come from its own 64
 columns. Nothing is padded in the stored codes.
 
 Example:
@@ -47,6 +49,10 @@ class Scheme:
             raise UserError(f"group size must be >= 1 (or omitted for per-channel), got {self.group_size}")
 
     @property
+    def half(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    @property
     def qmax(self) -> int:
         return 2 ** self.bits - 1
 
@@ -58,7 +64,7 @@ class Scheme:
 
 
 def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for each (row, group) of ``w`` (out, in) -> two (out, n_groups) tensors."""
+    """Scale and offset for each (row, group) of ``w`` (out, in) -> two (out, n_groups) tensors."""
     out, k = w.shape
     g = scheme.group(k)
     scales, zeros = [], []
@@ -70,33 +76,30 @@ def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
 
 
 def _params_for(block: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for each row of a (out, cols) block."""
+    """Scale and offset for each row of a (out, cols) block, rounded to fp16 (their stored type)."""
     block = block.float()
     if scheme.symmetric:
-        half = 2 ** (scheme.bits - 1)
-        scale = block.abs().amax(1) / (half - 1)
-        zero = torch.full_like(scale, float(half))
+        scale = block.abs().amax(1) / (scheme.half - 1)
     else:
-        lo = block.amin(1).clamp(max=0)
-        hi = block.amax(1).clamp(min=0)
+        lo, hi = block.amin(1), block.amax(1)
         scale = (hi - lo) / scheme.qmax
-        zero = torch.round(-lo / scale.clamp(min=1e-12)).clamp(0, scheme.qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: any scale works
-    return scale, zero
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).half().float()  # constant rows: any scale
+    offset = (-scheme.half * scale) if scheme.symmetric else lo.half().float()
+    return scale, offset
 
 
-def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """Codes for ``w`` given per-(row, group) ``scale``/``zero`` of shape (out, n_groups)."""
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Codes for ``w`` given per-(row, group) ``scale``/``offset`` of shape (out, n_groups)."""
     k = w.shape[1]
     s = expand_groups(scale, scheme.group(k), k)
-    z = expand_groups(zero, scheme.group(k), k)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, scheme.qmax).to(torch.uint8)
+    o = expand_groups(offset, scheme.group(k), k)
+    return torch.clamp(torch.round((w.float() - o) / s), 0, scheme.qmax).to(torch.uint8)
 
 
 def quantize_weight(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest: (codes uint8 (out, in), scale (out, G) fp32, zero (out, G) fp32)."""
-    scale, zero = group_params(w, scheme)
-    return quantize_with(w, scale, zero, scheme), scale, zero
+    """Round-to-nearest: (codes uint8 (out, in), scale (out, G), offset (out, G)), params fp16-exact."""
+    scale, offset = group_params(w, scheme)
+    return quantize_with(w, scale, offset, scheme), scale, offset
 
 
 def expand_groups(t: torch.Tensor, group: int, in_features: int) -> torch.Tensor:
@@ -104,9 +107,9 @@ def expand_groups(t: torch.Tensor, group: int, in_features: int) -> torch.Tensor
     return t.repeat_interleave(group, dim=1)[:, :in_features]
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> torch.Tensor:
     k = q.shape[1]
-    return (q.float() - expand_groups(zero, group, k)) * expand_groups(scale, group, k)
+    return q.float() * expand_groups(scale.float(), group, k) + expand_groups(offset.float(), group, k)
 
 
 def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:

@@ -7,8 +7,8 @@ Format (a normal HF folder plus integer tensors):
   bias flag and kernel.
 - ``model.safetensors``: full-precision tensors as usual; for each quantized module ``<name>.qweight``
   (uint8, codes bit-packed densely, row-major over (out, in), little-endian bit order),
-  ``<name>.scale`` (fp32, (out, groups)), ``<name>.zero`` (uint8, (out, groups)) and ``<name>.bias``.
-  Dequantized weight = ``(code - zero) * scale`` per (row, group); the last group may be partial.
+  ``<name>.scale`` and ``<name>.offset`` (fp16, (out, groups)) and ``<name>.bias``.
+  Dequantized weight = ``code * scale + offset`` per (row, group); the last group may be partial.
 - tokenizer files and ``generation_config.json`` as saved by transformers.
 
 Loading rebuilds the architecture from the config, swaps in empty ``QuantLinear`` modules and loads
@@ -57,7 +57,7 @@ def save_quantized(model, tokenizer, folder: Path) -> None:
 def load_quantized(folder: Path, config, auto_class):
     """Rebuild a model saved by :func:`save_quantized`."""
     record = config.lmslim_quantization
-    if record.get("format") != 1:
+    if record.get("format") != 2:
         raise UserError(f"{folder}: quantization format {record.get('format')} is not supported by this lmslim")
     model = auto_class.from_config(config, dtype=torch.float32)
     for name, spec in record["modules"].items():

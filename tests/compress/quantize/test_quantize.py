@@ -93,8 +93,8 @@ def test_gptq_beats_rtn_on_layer_reconstruction():
     h = 2 * x.t() @ x / x.shape[0]
     scheme = Scheme(4, 32, False)
 
-    def err(codes, scale, zero):
-        d = w - dequantize(codes, scale, zero, 32)
+    def err(codes, scale, offset):
+        d = w - dequantize(codes, scale, offset, 32)
         return torch.trace(d @ h @ d.t()).item()
 
     rtn = err(*quantize_weight(w, scheme))
@@ -128,7 +128,8 @@ def test_gptq_end_to_end_and_reload_bit_identical(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     cfg = json.loads((tmp_path / "config.json").read_text())["lmslim_quantization"]
-    assert cfg["method"] == "gptq" and cfg["modules"]["model.layers.0.mlp.down_proj"]["group_size"] == 48
+    assert cfg["method"] == "gptq" and cfg["format"] == 2
+    assert cfg["modules"]["model.layers.0.mlp.down_proj"]["group_size"] == 48
 
 
 def test_quantized_size_and_cost_accounting(tmp_path):

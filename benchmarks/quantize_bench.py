@@ -38,8 +38,9 @@ VARIANTS: dict[str, list[str] | None] = {
                                    "--calib", "builtin:wiki:train", "--calib-samples", "128", "--seq-len", "512"],
     "smoothquant a=0.5": ["--method", "smoothquant", "--alpha", "0.5", "--calib", "builtin:wiki:train",
                           "--calib-samples", "128", "--seq-len", "512"],
-    "w4-g32-rtn asym [LOSSLESS ON THIS MODEL: its release grid]": ["--method", "rtn", "--bits", "4",
-                                                                    "--group-size", "32", "--asymmetric"],
+    "w4-g32-rtn asym minmax [LOSSLESS ON THIS MODEL: its release grid]": ["--method", "rtn", "--bits", "4",
+                                                                           "--group-size", "32", "--asymmetric",
+                                                                           "--minmax"],
 }
 
 

@@ -191,6 +191,8 @@ def quantize(
                                              help="Columns per scale; 0 = per output channel (default: 128, or 0 for 8 bits)."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric",
                                              help="Grid symmetry (default: symmetric for 8 bits, asymmetric below)."),
+    minmax: bool = typer.Option(False, "--minmax", help="Asymmetric grid over each group's [min, max] (Q4_1) "
+                                "instead of an integer zero point."),
     calib: str = typer.Option("builtin:wiki:train", "--calib", help="Calibration text (gptq, smoothquant)."),
     calib_samples: int = typer.Option(128, "--calib-samples"),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
@@ -225,7 +227,7 @@ def quantize(
     if method in ("rtn", "gptq"):
         b = 4 if bits is None else bits
         kwargs.update(bits=b, group_size=(None if b == 8 else 128) if group_size is None else (group_size or None),
-                      symmetric=(b == 8) if symmetric is None else symmetric)
+                      symmetric=(b == 8) if symmetric is None else symmetric, minmax=minmax)
     elif bits not in (None, 8) or group_size not in (None, 0):
         raise UserError(f"{method} is int8 per output channel; --bits/--group-size do not apply")
     if method == "gptq":

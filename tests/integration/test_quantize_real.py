@@ -23,7 +23,8 @@ def test_release_grid_makes_w4_g32_asymmetric_lossless():
     lm = load_model("builtin:smollm2-135m")
     names = ["model.layers.0.self_attn.q_proj", "model.layers.17.mlp.down_proj"]
     before = {n: lm.model.get_submodule(n).weight.detach().clone() for n in names}
-    quantize_(lm.model, RTNConfig(bits=4, group_size=32, symmetric=False, kernel="dequant", targets=tuple(names)))
+    quantize_(lm.model, RTNConfig(bits=4, group_size=32, symmetric=False, minmax=True, kernel="dequant",
+                                     targets=tuple(names)))
     for n in names:
         q = lm.model.get_submodule(n)
         assert isinstance(q, QuantLinear)

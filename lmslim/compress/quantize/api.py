@@ -104,6 +104,7 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None) 
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
         "modules": {n: {"in": m.in_features, "out": m.out_features, "bits": m.scheme.bits,
                         "group_size": m.scheme.group_size, "symmetric": m.scheme.symmetric,
+                        "minmax": m.scheme.minmax,
                         "bias": m.bias is not None, "kernel": m.kernel} for n, m in modules.items()},
     }
     report["modules"] = len(modules)

@@ -59,6 +59,7 @@ class GPTQConfig(TargetSpec):
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    minmax: bool = False
     # Defaults measured on SmolLM2-135M (w4 g128, 32×512 calibration tokens, 4096 test tokens):
     # damp 0.01 → ppl 35.4, act-order → 31.6, act-order + damp 0.1 → 30.8 (RTN: 33.3).
     damp: float = 0.1
@@ -69,7 +70,7 @@ class GPTQConfig(TargetSpec):
 
     def __post_init__(self) -> None:
         self._check_targets()
-        Scheme(self.bits, self.group_size, self.symmetric)
+        Scheme(self.bits, self.group_size, self.symmetric, self.minmax)
         if not 0 < self.damp < 1:
             raise UserError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1 or self.batch_size < 1:
@@ -77,7 +78,7 @@ class GPTQConfig(TargetSpec):
 
     @property
     def scheme(self) -> Scheme:
-        return Scheme(self.bits, self.group_size, self.symmetric)
+        return Scheme(self.bits, self.group_size, self.symmetric, self.minmax)
 
 
 def _qdq(col: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int

@@ -31,20 +31,22 @@ class RTNConfig(TargetSpec):
         bits: 2, 3, 4 or 8.
         group_size: columns per scale; ``None`` for one scale per output channel. A group size that
             does not divide the input width leaves a shorter last group (see ``scheme.py``).
-        symmetric: grid centred on zero (True) or spanning each group's [min, max] (False).
+        symmetric: grid centred on zero (True) or asymmetric (False).
+        minmax: asymmetric grid spanning each group's [min, max] (Q4_1) instead of an integer zero point.
     """
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    minmax: bool = False
 
     def __post_init__(self) -> None:
         self._check_targets()
-        Scheme(self.bits, self.group_size, self.symmetric)  # validates bits and group size
+        Scheme(self.bits, self.group_size, self.symmetric, self.minmax)  # validates bits and group size
 
     @property
     def scheme(self) -> Scheme:
-        return Scheme(self.bits, self.group_size, self.symmetric)
+        return Scheme(self.bits, self.group_size, self.symmetric, self.minmax)
 
 
 @dataclass(frozen=True)

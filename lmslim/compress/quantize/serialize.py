@@ -61,7 +61,7 @@ def load_quantized(folder: Path, config, auto_class):
         raise UserError(f"{folder}: quantization format {record.get('format')} is not supported by this lmslim")
     model = auto_class.from_config(config, dtype=torch.float32)
     for name, spec in record["modules"].items():
-        scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"])
+        scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
         set_submodule(model, name, QuantLinear(spec["in"], spec["out"], scheme, spec["bias"], spec["kernel"]))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)

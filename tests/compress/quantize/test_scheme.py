@@ -50,13 +50,22 @@ def test_asymmetric_grid_is_exact_on_its_own_grid():
     # Weights already on a 4-bit "scale + min" g32 grid with fp16 parameters (llama.cpp's Q4_1, the
     # layout of SmolLM2's release) are reproduced exactly.
     torch.manual_seed(0)
-    s = Scheme(4, 32, False)
+    s = Scheme(4, 32, False, minmax=True)
     w = fake_quantize(torch.randn(8, 64) + 0.5, s)
     assert torch.equal(fake_quantize(w, s), w)
 
 
 def test_asymmetric_grid_need_not_include_zero():
     w = torch.rand(2, 32) + 5.0  # all-positive groups use the whole code range for [min, max]
-    s = Scheme(4, 32, False)
+    s = Scheme(4, 32, False, minmax=True)
     step = (w.amax(1) - w.amin(1)) / 15
     assert ((fake_quantize(w, s) - w).abs().amax(1) <= step / 2 + 1e-2 * step).all()
+
+
+def test_zero_point_grid_represents_zero_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(4, 64)
+    w[:, ::5] = 0.0
+    fq = fake_quantize(w, Scheme(4, 32, False))
+    # Exact up to the fp16 rounding of the stored offset (far below one step).
+    assert (fq[:, ::5].abs() <= 1e-3 * w.abs().amax()).all()

@@ -79,7 +79,8 @@ def _rtn(model, config: RTNConfig, calib=None) -> dict:
 
 
 @QUANTIZERS.register("dynamic-int8", DynamicInt8Config)
-def _dynamic(model, config: DynamicInt8Config, calib=None) -> dict:
+def dynamic_int8(model, config: DynamicInt8Config, calib=None) -> dict:
+    """Swap every targeted matrix for int8 per-channel weights on an int8 kernel (also used by SmoothQuant)."""
     scheme = Scheme(bits=8, group_size=None, symmetric=True)
     for name, module in targets_of(model, config):
         replace_with_quant(model, name, module, scheme, config.kernel)

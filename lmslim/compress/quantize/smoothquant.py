@@ -31,7 +31,7 @@ from torch import nn
 
 from lmslim.compress.calibration import transformer_blocks
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, targets_of
-from lmslim.compress.quantize.rtn import _dynamic, DynamicInt8Config
+from lmslim.compress.quantize.rtn import DynamicInt8Config, dynamic_int8
 from lmslim.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,6 @@ def _smoothquant(model, config: SmoothQuantConfig, calib: torch.Tensor | None) -
         smooth_(producer, consumers, maxima[names[0]], config.alpha)
     dyn = DynamicInt8Config(targets=config.targets, ignore=config.ignore, include_lm_head=config.include_lm_head,
                             kernel=config.kernel)
-    _dynamic(model, dyn)
+    dynamic_int8(model, dyn)
     return {"smoothed_groups": len(plan), "alpha": config.alpha,
             "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}}

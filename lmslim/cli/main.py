@@ -13,52 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from lmslim.cli.common import (DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, check_out, quiet_libraries, write_json,
+                               app, out)
 from lmslim.core.errors import UserError
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Make transformer LMs cheaper to train and run, and prove it with measurements.")
-out = Console()
-log = logging.getLogger("lmslim")
-
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cores torch sees).")
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
-JsonOpt = typer.Option(None, "--json", help="Write the full result as JSON here (atomically).")
-TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow model code from the model folder/hub (off by default).")
-
-
-def _quiet_libraries() -> None:
-    # transformers' own progress bars and advisory warnings would bury our one-line output.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader draws its own tqdm bar
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        import huggingface_hub.utils as hub_utils
-
-        hub_utils.disable_progress_bars()
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-
-
-def _write_json(path: Optional[Path], obj: dict) -> None:
-    if path is not None:
-        from lmslim.core.io import atomic_write_json
-
-        atomic_write_json(path, obj)
-        out.print(f"wrote {path}")
-
-
-def _check_out(path: Optional[Path]) -> None:
-    if path is not None:
-        from lmslim.core.io import check_writable_target
-
-        check_writable_target(path)
-
 
 @app.command()
 def fetch(names: list[str] = typer.Argument(..., help="smollm2-135m, minilm-l6, wiki, or all."),
@@ -103,7 +62,7 @@ def eval_cmd(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"--max-tokens must be >= 2, got {max_tokens}")
-    _check_out(json_out)
+    check_out(json_out)
     rt = Runtime.create(device=device, threads=threads)
     ds = load_data(data, task=task, text_column=text_column, label_column=label_column)
     lm = load_model(model, task=task, dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
@@ -133,7 +92,7 @@ def eval_cmd(
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
-    _write_json(json_out, result)
+    write_json(json_out, result)
 
 
 @app.command()
@@ -158,7 +117,7 @@ def bench(
     cfg = BenchConfig(batch=batch, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, warmup=warmup)
     if task not in ("auto", "clm", "embed"):
         raise UserError(f"bench --task must be auto, clm or embed, got {task!r}")
-    _check_out(json_out)
+    check_out(json_out)
     rt = Runtime.create(device=device, threads=threads)
     if task == "auto":
         task = _causal_or_embed(resolve(model))
@@ -178,7 +137,7 @@ def bench(
     out.print(table)
     for note in metrics["notes"]:
         out.print(f"• {note}", soft_wrap=True)
-    _write_json(json_out, result)
+    write_json(json_out, result)
 
 
 @app.command()
@@ -276,22 +235,40 @@ def compare_cmd(results: list[Path] = typer.Argument(..., help="eval/bench JSON 
     from lmslim.core.io import atomic_write_text
     from lmslim.measure.compare import compare, to_markdown
 
-    _check_out(json_out)
-    _check_out(markdown)
+    check_out(json_out)
+    check_out(markdown)
     rows = compare([str(p) for p in results])
     md = to_markdown(rows)
     print(md, end="")
     if markdown is not None:
         atomic_write_text(markdown, md)
         out.print(f"wrote {markdown}")
-    _write_json(json_out, {"rows": rows})
+    write_json(json_out, {"rows": rows})
+
+
+# Commands that live in their own modules register themselves on ``app`` when imported.
+_COMMAND_MODULES = ("prune_cmd", "train_cmd", "distill_cmd")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"lmslim.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"lmslim.cli.{name}":
+                raise
+
+
+_register_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps user errors to one line + exit 2, and hides tracebacks."""
     logging.basicConfig(level=os.environ.get("LMSLIM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
-        _quiet_libraries()
+        quiet_libraries()
         app(args=argv, prog_name="lmslim", standalone_mode=False)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -212,8 +212,13 @@ def _auto_class(task: str):
 
 
 def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, new_head_labels: list[str] | None = None) -> LoadedModel:
     """Resolve ``spec`` and load model + tokenizer for ``task`` in eval mode.
+
+    Args:
+        new_head_labels: training only (seq-cls / token-cls): attach a NEW, randomly initialised
+            classification head with these labels, even if the checkpoint has no such head (an
+            explicit opt-in; evaluation keeps refusing models without a trained head).
 
     Raises:
         UserError: for any problem the user can fix (missing path, not a model, wrong task, offline hub id).
@@ -228,7 +233,13 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for the same user problem
         raise _load_error(spec, resolved, e) from e
-    check_task(config, task, spec)
+    if new_head_labels is None:
+        check_task(config, task, spec)
+    elif task not in ("seq-cls", "token-cls"):
+        raise UserError(f"a new classification head needs task seq-cls or token-cls, not {task}")
+    else:
+        config.id2label = dict(enumerate(new_head_labels))  # also sets num_labels
+        config.label2id = {name: i for i, name in enumerate(new_head_labels)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         if getattr(config, "lmslim_quantization", None) and resolved.path is not None:
@@ -236,7 +247,8 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
 
             model = load_quantized(resolved.path, config, _auto_class(task))
         else:
-            model = _auto_class(task).from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = _auto_class(task).from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                      **({"config": config} if new_head_labels else {}))
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001

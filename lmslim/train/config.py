@@ -1,0 +1,408 @@
+"""Training configuration: frozen, validated dataclasses, loadable from YAML with dotted overrides.
+
+Every value is checked in ``__post_init__`` and a bad one raises :class:`UserError` with the fix.
+Unknown keys are rejected with a "did you mean" hint, so a typo never silently falls back to a
+default.
+
+Example:
+    >>> from lmslim.train.config import TrainConfig
+    >>> cfg = TrainConfig.from_dict({"max_steps": 20, "optim": {"lr": 1e-3}}, overrides=["batch.grad_accum=2"])
+    >>> cfg.optim.lr, cfg.batch.grad_accum
+    (0.001, 2)
+    >>> TrainConfig.from_dict({"optim": {"learning_rate": 1e-3}})
+    Traceback (most recent call last):
+    ...
+    lmslim.core.errors.UserError: unknown config key 'optim.learning_rate' (did you mean 'optim.lr'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmslim.core.errors import UserError
+
+OPTIMIZERS = ("adamw", "adam", "adagrad", "rmsprop", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and gradient clipping."""
+
+    name: str = "adamw"
+    """adamw | adam | adagrad | rmsprop | sgd"""
+    lr: float = 5e-5
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.0
+    """Decoupled for adamw, L2 for the others. Never applied to norms and biases."""
+    decay_embeddings: bool = True
+    """Whether token/position embeddings get weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    """sgd and rmsprop."""
+    nesterov: bool = False
+    """sgd only; needs momentum > 0."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        _choice(self.name, OPTIMIZERS, "optim.name")
+        _need(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _need(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+              f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _need(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _need(self.momentum >= 0, f"optim.momentum must be >= 0, got {self.momentum}")
+        _need(not self.nesterov or (self.name == "sgd" and self.momentum > 0),
+              "optim.nesterov needs optim.name=sgd and optim.momentum > 0")
+        _need(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup from 0, then constant / linear / cosine decay to ``min_lr_ratio * lr``."""
+
+    name: str = "cosine"
+    """constant | linear | cosine"""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice(self.name, SCHEDULES, "schedule.name")
+        _need(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _need(0 <= self.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Autocast precision and activation checkpointing. Weights and optimizer state stay fp32."""
+
+    mode: str = "auto"
+    """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16 (with dynamic loss scaling)"""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward: less memory, ~30% more compute."""
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, PRECISIONS, "precision.mode")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How examples become micro-batches."""
+
+    batch_size: int = 8
+    """Examples per micro-batch (used when token_budget is 0)."""
+    token_budget: int = 0
+    """Max padded tokens per micro-batch (rows x longest row); 0 = fixed batch_size."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 512
+    """Longest sequence: clm documents are cut into pieces of this many tokens, others truncated."""
+    padding: str = "dynamic"
+    """dynamic (pad to the longest row of the batch) | max_length (every row padded to max_length)"""
+    bucketing: bool = True
+    """Group examples of similar length into the same batch (less padding)."""
+    pack: bool = True
+    """clm: pack short documents together into rows of up to max_length tokens."""
+    shuffle: bool = True
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        _need(self.batch_size >= 1, f"batch.batch_size must be >= 1, got {self.batch_size}")
+        _need(self.token_budget >= 0, f"batch.token_budget must be >= 0 (0 = off), got {self.token_budget}")
+        _need(self.grad_accum >= 1, f"batch.grad_accum must be >= 1, got {self.grad_accum}")
+        _need(self.max_length >= 2, f"batch.max_length must be >= 2, got {self.max_length}")
+        _need(self.token_budget == 0 or self.token_budget >= self.max_length,
+              f"batch.token_budget ({self.token_budget}) must be >= batch.max_length ({self.max_length}) "
+              "so that the longest example fits")
+        _choice(self.padding, ("dynamic", "max_length"), "batch.padding")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0 = only at evaluations and at the end)."""
+    keep_last: int = 2
+    """How many periodic checkpoints to keep (the best one is kept separately)."""
+    keep_best: bool = True
+    """With evaluation: keep DIR/checkpoints/best (model weights of the best evaluation)."""
+
+    def __post_init__(self) -> None:
+        _need(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        _need(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate every N optimizer steps (0 = only at the end); needs eval data."""
+    max_batches: int = 0
+    """Cap on evaluation batches for the loss (0 = all)."""
+
+    def __post_init__(self) -> None:
+        _need(self.every_steps >= 0, f"eval.every_steps must be >= 0, got {self.every_steps}")
+        _need(self.max_batches >= 0, f"eval.max_batches must be >= 0, got {self.max_batches}")
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    metric: str = "eval_loss"
+    """Metric that decides the best checkpoint and early stopping (eval_loss, accuracy, macro_f1, f1, ...)."""
+    mode: str = "auto"
+    """min | max | auto (min for names with loss/perplexity, else max)"""
+    patience: int = 0
+    """Stop after this many evaluations without improvement (0 = never stop early)."""
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, ("auto", "min", "max"), "early_stop.mode")
+        _need(self.patience >= 0, f"early_stop.patience must be >= 0, got {self.patience}")
+        _need(self.min_delta >= 0, f"early_stop.min_delta must be >= 0, got {self.min_delta}")
+
+    @property
+    def minimize(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "min"
+        return any(w in self.metric for w in ("loss", "perplexity", "ppl"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 10
+    """Write a metrics.jsonl line (and TensorBoard scalars) every N optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events to DIR/tensorboard when the tensorboard package is installed."""
+    progress: bool = True
+    """Progress bar on stderr (only drawn on a terminal)."""
+
+    def __post_init__(self) -> None:
+        _need(self.every_steps >= 1, f"log.every_steps must be >= 1, got {self.every_steps}")
+
+
+# Sections a resumed run may change: they do not alter the optimisation trajectory up to the checkpoint.
+RESUMABLE_CHANGES = ("max_steps", "epochs", "log", "checkpoint", "eval", "early_stop")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs besides model, data and runtime."""
+
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = derive from epochs."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is 0."""
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = use epochs), got {self.max_steps}")
+        _need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+
+    # ------------------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> "TrainConfig":
+        """Build from a nested dict plus ``key=value`` dotted overrides (values parsed as YAML scalars)."""
+        data = _deepcopy(data or {})
+        if not isinstance(data, dict):
+            raise UserError("a training config must be a mapping of keys to values")
+        for item in overrides or []:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
+            _set_dotted(data, key.strip(), _parse_scalar(raw))
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
+        """Load a YAML file (or only defaults when ``path`` is None) and apply overrides."""
+        import yaml
+
+        data: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise UserError(f"config file {path} does not exist")
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from e
+            if not isinstance(data, dict):
+                raise UserError(f"{path} must hold a mapping (key: value), not a {type(data).__name__}")
+        return cls.from_dict(data, overrides)
+
+    def changed_keys(self, other: "TrainConfig") -> list[str]:
+        """Dotted keys whose values differ between two configs."""
+        return sorted(k for k, v in _flatten(self.to_dict()).items() if _flatten(other.to_dict()).get(k) != v)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deepcopy(obj: Any) -> Any:
+    return {k: _deepcopy(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts (for hints and docs)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        t = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.extend(all_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+# Names other trainers use for the same setting.
+_SYNONYMS = {"learning_rate": "optim.lr", "gradient_accumulation_steps": "batch.grad_accum",
+             "max_grad_norm": "optim.grad_clip", "warmup": "schedule.warmup_steps", "lr_scheduler": "schedule.name",
+             "per_device_train_batch_size": "batch.batch_size", "gradient_checkpointing":
+             "precision.activation_checkpointing", "num_train_epochs": "epochs", "bf16": "precision.mode",
+             "fp16": "precision.mode", "optimizer": "optim.name"}
+
+
+def _hint(key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in _SYNONYMS:
+        return f" (did you mean {_SYNONYMS[leaf]!r}?)"
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:
+        # A typo in the leaf under a wrong section ("batch.lr") still deserves a hint.
+        close = [k for k in all_keys() if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.6)]
+        close = close[:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"override {key}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _parse_scalar(raw: str) -> Any:
+    import yaml
+
+    raw = raw.strip()
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+    # YAML 1.1 reads "1e-4" as a string; numbers written that way are common for learning rates.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+_HINT_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINT_CACHE:
+        _HINT_CACHE[cls] = typing.get_type_hints(cls)
+    return _HINT_CACHE[cls]
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"unknown config key {prefix + str(key)!r}{_hint(prefix + str(key))}")
+    kwargs = {}
+    for name, value in data.items():
+        t = _hints(cls)[name]
+        kwargs[name] = _build(t, value, f"{prefix}{name}.") if dataclasses.is_dataclass(t) else \
+            _coerce(value, t, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, t: Any, key: str) -> Any:
+    """Check (and gently convert) a leaf value against its annotation."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list like [0.9, 0.999], got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(t)))
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+__all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "PrecisionConfig", "BatchConfig", "CheckpointConfig",
+           "EvalConfig", "EarlyStopConfig", "LogConfig", "RESUMABLE_CHANGES", "all_keys"]

@@ -1,0 +1,418 @@
+"""The training loop: one explicit function, read top to bottom.
+
+Per optimizer step: take ``grad_accum`` micro-batches; for each, run the objective under the
+runtime's autocast, weight its mean loss by the micro-batch's share of the step's loss terms
+(``units / step_units``) and back-propagate (through the GradScaler for fp16); then unscale, clip,
+step, update the scale and the lr schedule. Weighting by units instead of ``1/k`` makes an
+accumulated step exactly the gradient of one big batch even when micro-batches hold different
+numbers of tokens. Every so often: log, evaluate (early stopping, best checkpoint) and checkpoint.
+
+The objective is pluggable: ``objective(model, batch) -> (loss, logs)`` where ``loss`` is the mean
+over the batch's loss terms (``batch.units`` of them) and ``logs`` maps names to floats. The default
+is the model's own loss from ``batch["labels"]``. Trainable parameters outside the model (an
+``nn.Module`` objective's own parameters, ``extra_modules``) are optimised and checkpointed with it.
+
+Example:
+    >>> from lmslim.core.models import load_model
+    >>> from lmslim.core.runtime import Runtime
+    >>> from lmslim.data.spec import Data
+    >>> from lmslim.train.config import TrainConfig
+    >>> from lmslim.train.data import tokenize
+    >>> from lmslim.train.loop import train
+    >>> lm = load_model("builtin:tiny-llama")
+    >>> ts = tokenize(Data("x", "clm", documents=["the cat sat on the mat. " * 20]), lm.tokenizer, "clm", 64)
+    >>> cfg = TrainConfig.from_dict({"max_steps": 3, "optim": {"lr": 1e-3}, "batch": {"batch_size": 2}})
+    >>> r = train(lm.model, ts, cfg, Runtime.create("cpu"))
+    >>> r.steps, len(r.losses)
+    (3, 3)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lmslim.core.errors import UserError
+from lmslim.core.runtime import Runtime
+from lmslim.train import checkpoint as ckpt
+from lmslim.train.config import RESUMABLE_CHANGES, TrainConfig
+from lmslim.train.data import Batch, Batcher, TokenizedSet
+from lmslim.train.metrics import MetricsLogger
+from lmslim.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+Objective = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, float]]"]
+Evaluator = Callable[[nn.Module], "dict[str, float]"]
+# A callback sees (step, record) after every optimizer step; returning True stops training cleanly.
+Callback = Callable[[int, "dict[str, Any]"], "bool | None"]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # training loss of every optimizer step (this process's run, after resume)
+    final_loss: float
+    tokens_seen: int
+    elapsed_s: float
+    tokens_per_s: float
+    eval: dict[str, float] = field(default_factory=dict)  # last evaluation
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+    out_dir: Path | None = None
+
+
+def task_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Default objective: the model's own mean loss for ``batch["labels"]``."""
+    return model(**batch).loss, {}
+
+
+def trainable_extras(objective: Any, extra_modules: dict[str, nn.Module] | None) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the model, by unique name (objective's under ``objective.``)."""
+    out: dict[str, nn.Parameter] = {}
+    sources = dict(extra_modules or {})
+    if isinstance(objective, nn.Module):
+        sources["objective"] = objective
+    for prefix, module in sources.items():
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                out[f"{prefix}.{name}"] = p
+    return out
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(model).__name__} does not support activation checkpointing; "
+                        "set precision.activation_checkpointing=false")
+    # Non-reentrant checkpointing works with frozen inputs and keyword arguments, and is torch's recommendation.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def accumulate(model: nn.Module, micro: Sequence[Batch], objective: Objective, runtime: Runtime,
+               scaler: torch.amp.GradScaler, step_units: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward + backward over the micro-batches of one step; returns the step's loss and logs.
+
+    Each micro-batch's mean loss is weighted by ``units / step_units`` so the summed gradient is that
+    of the mean over all the step's loss terms (exact for variable-length micro-batches).
+    """
+    step_units = step_units or sum(b.units for b in micro)
+    total = torch.zeros((), device=runtime.device)
+    logs: dict[str, float] = {}
+    for b in micro:
+        b = b.to(runtime.device)
+        with runtime.autocast():
+            loss, extra = objective(model, b)
+        weighted = loss.float() * (b.units / step_units)
+        scaler.scale(weighted).backward()
+        total += weighted.detach()
+        for k, v in extra.items():
+            logs[k] = logs.get(k, 0.0) + float(v) * b.units / step_units
+    return total, logs
+
+
+def _stream(batcher: Batcher, epoch: int, index: int) -> Iterator[tuple[int, int, list[int]]]:
+    """Micro-batches from (epoch, index) on, as (epoch, next index, example ids); crosses epochs."""
+    while True:
+        plan = batcher.epoch(epoch)
+        while index < len(plan):
+            yield epoch, index + 1, plan[index]
+            index += 1
+        epoch, index = epoch + 1, 0
+
+
+def total_steps(config: TrainConfig, batcher: Batcher) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * len(batcher.epoch(0)) / config.batch.grad_accum))
+
+
+def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runtime: Runtime, *,
+          eval_data: TokenizedSet | None = None, objective: Objective | None = None,
+          extra_modules: dict[str, nn.Module] | None = None, evaluator: Evaluator | None = None,
+          out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Callback] = (),
+          save_final: bool = True) -> TrainResult:
+    """Train ``model`` in place on ``train_data``.
+
+    Args:
+        model: a torch/HF model; moved to ``runtime.device``, left in train mode while training.
+        train_data: from :func:`lmslim.train.data.tokenize`.
+        config: a :class:`TrainConfig`.
+        runtime: device/precision/rank; its precision is replaced by ``config.precision.mode``.
+        eval_data: validation examples; enables evaluation, best checkpoint and early stopping.
+        objective: ``objective(model, batch) -> (mean loss, logs)``; default :func:`task_loss`. If it is
+            an ``nn.Module``, its trainable parameters are optimised and checkpointed too.
+        extra_modules: more modules whose trainable parameters join the optimizer and checkpoints.
+        evaluator: ``evaluator(model) -> metrics``; default :func:`lmslim.train.tasks.evaluate` on ``eval_data``.
+        out_dir: where checkpoints, ``metrics.jsonl``, TensorBoard events and the final model go;
+            None trains in memory only. Rank 0 writes; the caller checks the folder is usable.
+        resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
+        callbacks: called after each step with (step, record); returning True stops (with a checkpoint).
+        save_final: save the final model (``save_pretrained`` + tokenizer) into ``out_dir``.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        TrainingDiverged: NaN/inf loss (the previous checkpoints are kept).
+        UserError: a checkpoint of another model/config on resume, a bad early-stopping metric, ...
+    """
+    from lmslim.train.tasks import evaluate, metric_names
+
+    rt = runtime.with_precision(config.precision.mode)
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise UserError("resume needs the output folder of the run to continue")
+    objective = objective or task_loss
+    model.to(rt.device)
+    for module in (extra_modules or {}).values():
+        module.to(rt.device)
+    if isinstance(objective, nn.Module):
+        objective.to(rt.device)
+    if config.precision.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    extras = trainable_extras(objective, extra_modules)
+    if eval_data is not None and evaluator is None:
+        names = metric_names(eval_data.task)
+        if config.early_stop.metric not in names:
+            raise UserError(f"early_stop.metric {config.early_stop.metric!r} is not measured for task "
+                            f"{eval_data.task}; choose one of {', '.join(names)}")
+        evaluator = lambda m: evaluate(m, eval_data, rt, config)  # noqa: E731
+    modules = [model, *(extra_modules or {}).values()] + ([objective] if isinstance(objective, nn.Module) else [])
+    optimizer = build_optimizer(list(model.named_parameters()) + list(extras.items()), config.optim, modules)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    batcher = Batcher(train_data, config.batch, config.seed, rt.rank, rt.world_size)
+    steps = total_steps(config, batcher)
+    scheduler = build_scheduler(optimizer, config.schedule, steps)
+    scaler = rt.grad_scaler()
+    model_fp = ckpt.fingerprint(model, extras)
+    ckpt_root = out / "checkpoints" if out is not None else None
+
+    # Seed everything the step may draw from (dropout, objectives); the data order has its own RNG.
+    torch.manual_seed(config.seed)
+    import random
+
+    import numpy as np
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "index": 0, "tokens_seen": 0, "best": None, "best_step": None,
+                             "bad_evals": 0}
+    if resume:
+        state = _resume(ckpt_root, model, extras, optimizer, scheduler, scaler, rt, config, model_fp, train_data)
+    write = rt.is_main and out is not None
+    if write:
+        from lmslim.core.io import atomic_write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "train_config.json", config.to_dict())
+    logger = MetricsLogger(out if write else None, rt.is_main, steps, state["step"], config.log.tensorboard,
+                           config.log.progress)
+
+    def save(kind: str) -> None:
+        if not write:
+            return
+        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "loop": dict(state)}
+        meta = {"step": state["step"], "fingerprint": model_fp, "task": train_data.task,
+                "labels": train_data.label_names, "config": config.to_dict(), "kind": kind}
+        ckpt.save_checkpoint(ckpt_root / f"step-{state['step']:07d}", model, extras, trainer_state, meta)
+        ckpt.prune_checkpoints(ckpt_root, config.checkpoint.keep_last)
+
+    model.train()
+    losses: list[float] = []
+    last_eval: dict[str, float] = {}
+    stopped_early = False
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "logs": {}}
+    t_start = time.perf_counter()
+    train_time = 0.0
+    run_tokens = 0  # tokens of this process's run (a resumed run's tokens_seen includes earlier ones)
+    stream = _stream(batcher, state["epoch"], state["index"])
+    try:
+        while state["step"] < steps:
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(config.batch.grad_accum):
+                state["epoch"], state["index"], ids = next(stream)
+                micro.append(batcher.collate(ids))
+            lr = scheduler.get_last_lr()[0]
+            loss, logs = accumulate(model, micro, objective, rt, scaler)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                last = ckpt.list_checkpoints(ckpt_root)[-1:] if ckpt_root is not None else []
+                where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
+                raise TrainingDiverged(f"training loss became {loss_value} at step {state['step'] + 1}; stopped "
+                                       f"({where}); lower optim.lr, add warmup or use precision fp32")
+            scaler.unscale_(optimizer)  # clip and measure the true gradient, not the scaled one
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)  # honest tokens/s
+            dt = time.perf_counter() - t0
+            train_time += dt
+            state["step"] += 1
+            n_tokens = sum(b.tokens for b in micro)
+            state["tokens_seen"] += n_tokens
+            run_tokens += n_tokens
+            losses.append(loss_value)
+            window["loss"] += loss_value
+            window["steps"] += 1
+            window["tokens"] += n_tokens
+            window["time"] += dt
+            for k, v in logs.items():
+                window["logs"][k] = window["logs"].get(k, 0.0) + v
+            step = state["step"]
+            record = {"step": step, "epoch": state["epoch"], "loss": loss_value, "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, **logs}
+            if rt.needs_grad_scaler:
+                record["loss_scale"] = float(scaler.get_scale())
+            do_eval = evaluator is not None and config.eval.every_steps and step % config.eval.every_steps == 0
+            is_last = step >= steps
+            eval_metrics = {}
+            if evaluator is not None and (do_eval or is_last):
+                eval_metrics = _run_eval(evaluator, model)
+                last_eval = eval_metrics
+                improved = _track_best(state, eval_metrics, config)
+                if improved and config.checkpoint.keep_best and write:
+                    _save_model(model, train_data.tokenizer, out / "best")
+                if config.early_stop.patience and state["bad_evals"] >= config.early_stop.patience:
+                    stopped_early = True
+            stop = any(cb(step, record) for cb in callbacks)
+            if step % config.log.every_steps == 0 or eval_metrics or is_last or stop or stopped_early:
+                w = window["steps"]
+                logged = {"step": step, "epoch": state["epoch"], "loss": window["loss"] / w, "lr": lr,
+                          "grad_norm": record["grad_norm"],
+                          "tokens_per_s": window["tokens"] / window["time"] if window["time"] > 0 else 0.0,
+                          "tokens_seen": state["tokens_seen"], "elapsed_s": time.perf_counter() - t_start,
+                          **{k: v / w for k, v in window["logs"].items()},
+                          **{k if k.startswith("eval") else f"eval_{k}": v for k, v in eval_metrics.items()}}
+                if "loss_scale" in record:
+                    logged["loss_scale"] = record["loss_scale"]
+                logger.step(step, logged)
+                window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "logs": {}}
+            else:
+                logger.step(step, None)
+            periodic = config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+            if periodic or eval_metrics or is_last or stop or stopped_early:
+                save("final" if is_last else "periodic")
+            if stop or stopped_early:
+                if stopped_early and rt.is_main:
+                    log.warning("early stopping at step %d: %s did not improve for %d evaluations (best %.5g at "
+                                "step %s)", step, config.early_stop.metric, state["bad_evals"], state["best"],
+                                state["best_step"])
+                break
+    finally:
+        logger.close()
+    model.eval()
+    if write and save_final:
+        best = out / "best"
+        if best.is_dir() and state["best_step"] is not None:
+            _move_model_files(best, out)  # the final model is the best evaluated one
+        else:
+            _save_model(model, train_data.tokenizer, out / ".final")
+            _move_model_files(out / ".final", out)
+    elapsed = time.perf_counter() - t_start
+    result = TrainResult(steps=state["step"], losses=losses, final_loss=losses[-1] if losses else float("nan"),
+                         tokens_seen=state["tokens_seen"], elapsed_s=elapsed,
+                         tokens_per_s=run_tokens / train_time if train_time else 0.0,
+                         eval=last_eval, best_metric=state["best"], best_step=state["best_step"],
+                         stopped_early=stopped_early, out_dir=out)
+    if write:
+        from lmslim.core.io import atomic_write_json
+
+        summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
+        atomic_write_json(out / "train_result.json", {**summary, "precision": rt.precision,
+                                                       "early_stop_metric": config.early_stop.metric})
+    return result
+
+
+def _run_eval(evaluator: Evaluator, model: nn.Module) -> dict[str, float]:
+    model.eval()
+    try:
+        with torch.no_grad():
+            return {k: float(v) for k, v in evaluator(model).items()}
+    finally:
+        model.train()
+
+
+def _track_best(state: dict[str, Any], metrics: dict[str, float], config: TrainConfig) -> bool:
+    es = config.early_stop
+    if es.metric not in metrics:
+        raise UserError(f"early_stop.metric {es.metric!r} is not among the evaluation metrics "
+                        f"{sorted(metrics)}; set early_stop.metric to one of them")
+    value = metrics[es.metric]
+    best = state["best"]
+    better = best is None or (value < best - es.min_delta if es.minimize else value > best + es.min_delta)
+    if better:
+        state["best"], state["best_step"], state["bad_evals"] = value, state["step"], 0
+    else:
+        state["bad_evals"] += 1
+    return better
+
+
+def _save_model(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """``save_pretrained`` (+ tokenizer) into ``folder`` atomically."""
+    from lmslim.core.io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def _move_model_files(src: Path, dst: Path) -> None:
+    """Copy a saved model's files into ``dst`` (each by atomic rename of a temporary copy)."""
+    import os
+    import shutil
+
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            tmp = dst / f".{f.name}.tmp"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, dst / f.name)
+    if src.name.startswith("."):
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def _resume(root: Path, model: nn.Module, extras: dict[str, nn.Parameter], optimizer, scheduler, scaler,
+            rt: Runtime, config: TrainConfig, model_fp: str, data: TokenizedSet) -> dict[str, Any]:
+    found = ckpt.list_checkpoints(root)
+    if not found:
+        raise UserError(f"nothing to resume: {root} holds no checkpoint; drop --resume to start a new run")
+    folder = found[-1]
+    import json
+
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("fingerprint") != model_fp or meta.get("task") != data.task:
+        raise UserError(f"checkpoint {folder} belongs to another model or task ({meta.get('task')}); resume "
+                        "with the same MODEL and --task, or start a new run with --overwrite")
+    if meta.get("labels") != data.label_names:
+        raise UserError(f"checkpoint {folder} was trained with labels {meta.get('labels')}, the data now gives "
+                        f"{data.label_names}; resume with the same data")
+    old = TrainConfig.from_dict(meta.get("config", {}))
+    changed = [k for k in config.changed_keys(old) if k.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        raise UserError(f"checkpoint {folder} was made with a different training config ({', '.join(changed)}); "
+                        "resume with the same settings or start a new run with --overwrite")
+    state, _ = ckpt.load_checkpoint(folder, model, extras, rt.device)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    if rt.is_main:
+        log.info("resumed from %s (step %d)", folder, state["loop"]["step"])
+    return dict(state["loop"])

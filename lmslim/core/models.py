@@ -246,6 +246,10 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
             from lmslim.compress.quantize.serialize import load_quantized
 
             model = load_quantized(resolved.path, config, _auto_class(task))
+        elif getattr(config, "lmslim_sharing", None) and resolved.path is not None:
+            from lmslim.compress.share import load_shared  # re-ties layers whose weights are stored once
+
+            model = load_shared(resolved.path, config, _auto_class(task), dtype)
         else:
             model = _auto_class(task).from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
                                                       **({"config": config} if new_head_labels else {}))

@@ -67,23 +67,27 @@ def shape_of(model: nn.Module) -> ModelShape:
     linear_params = 0
     # Compressed layers (e.g. QuantLinear) keep their weights in buffers and describe their own cost.
     profiles = [m.cost_profile() for m in model.modules() if hasattr(m, "cost_profile")]
+    weight_bytes = 0
     for mod in model.modules():
         if _is_matmul_module(mod):
             linear_params += mod.weight.numel()
+            # Bytes count per use: a weight shared by several layers (lmslim.compress.share) is read
+            # again by each layer during decode; only the parameter count below dedupes it.
+            weight_bytes += _tensor_bytes(mod.weight)
             matmul_ptrs.add(mod.weight.data_ptr())
     linear_params += sum(p["matmul_params"] for p in profiles)
     embedding_ptrs = {mod.weight.data_ptr() for mod in model.modules() if isinstance(mod, nn.Embedding)}
 
     seen: set[int] = set()
-    params = nonzero = weight_bytes = 0
+    params = nonzero = 0
     for p in model.parameters():
         if p.data_ptr() in seen:
-            continue  # tied weights count once
+            continue  # tied or shared weights count once
         seen.add(p.data_ptr())
         params += p.numel()
         nonzero += int(torch.count_nonzero(p).item())
-        # A lookup reads one row of an embedding table; a tied LM head reads all of it.
-        if p.data_ptr() not in embedding_ptrs or p.data_ptr() in matmul_ptrs:
+        # A lookup reads one row of an embedding table; a tied LM head reads all of it (counted above).
+        if p.data_ptr() not in embedding_ptrs and p.data_ptr() not in matmul_ptrs:
             weight_bytes += _tensor_bytes(p)
     params += sum(p["params"] for p in profiles)
     nonzero += sum(p["nonzero"] for p in profiles)

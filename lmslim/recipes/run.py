@@ -1,0 +1,226 @@
+"""Run a recipe: stages in order, with quality and cost measured before and after each one.
+
+Layout of the output folder ``DIR`` (built in ``.DIR.partial`` next to it and renamed into place
+only when every stage and measurement is done, so ``DIR`` is never half-written)::
+
+    DIR/model/                 the final model (loadable by every lmslim command)
+    DIR/recipe.yaml            the resolved recipe (overrides applied, model filled in)
+    DIR/results.json           every variant: baseline, then one per stage, with eval + bench
+    DIR/baseline/{eval,bench}.json
+    DIR/stages/NN-name/{stage,eval,bench,done}.json   (and model/ with keep_intermediate)
+
+Resuming: a stage whose ``done.json`` carries the fingerprint of its input and options is skipped
+when the command is run again after an interruption; the fingerprint chains, so changing one stage
+re-runs it and everything after it.
+
+Measurements run in a fresh ``lmslim eval`` / ``lmslim bench`` process each, so peak memory is the
+variant's own and not the pipeline's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmslim.core.errors import UserError
+from lmslim.core.io import atomic_dir, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """Write any model lmslim produces into an empty ``folder`` in the format ``load_model`` reads."""
+    if getattr(model.config, "lmslim_quantization", None):
+        from lmslim.compress.quantize.serialize import save_quantized
+
+        save_quantized(model, tokenizer, folder)
+        return
+    for saver in _SAVERS:
+        if saver(model, tokenizer, folder):
+            return
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+# Format-specific savers registered by technique families: ``saver(model, tok, folder) -> handled``.
+_SAVERS: list = []
+
+
+class Measurer:
+    """Runs ``lmslim eval`` / ``lmslim bench`` in subprocesses, caching results by weights + settings."""
+
+    def __init__(self, recipe, threads: int | None, cache_dir: Path | None = None):
+        self.recipe = recipe
+        self.threads = threads if threads is not None else recipe.bench.threads
+        self.cache_dir = cache_dir
+
+    def _cli(self, args: list[str], what: str) -> None:
+        env = dict(os.environ)
+        proc = subprocess.run([sys.executable, "-m", "lmslim", *args], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"{what} failed: {last}")
+
+    def _key(self, kind: str, weights: str | None, settings: dict) -> str:
+        return _fingerprint(kind, weights, settings)
+
+    def measure(self, spec: str, weights: str | None, out_dir: Path) -> dict[str, dict]:
+        """eval.json and bench.json for ``spec`` in ``out_dir``; returns both (absent ones omitted)."""
+        r = self.recipe
+        results = {}
+        jobs = []
+        if r.eval.enabled:
+            e = r.eval
+            args = ["eval", spec, "--data", r.data.eval, "--task", e.task, "--batch-size", str(e.batch_size),
+                    "--window", str(e.window), "--stride", str(e.stride)]
+            if e.max_tokens is not None and e.task == "clm":
+                args += ["--max-tokens", str(e.max_tokens)]
+            jobs.append(("eval", args, {"eval": e.model_dump(), "data": r.data.eval}))
+        if r.bench.enabled:
+            b = r.bench
+            args = ["bench", spec, "--prompt-len", str(b.prompt_len), "--gen-len", str(b.gen_len),
+                    "--repeats", str(b.repeats), "--warmup", str(b.warmup)]
+            jobs.append(("bench", args, {"bench": b.model_dump(exclude={"threads"})}))
+        for kind, args, settings in jobs:
+            target = out_dir / f"{kind}.json"
+            cached = self.cache_dir / f"{self._key(kind, weights, settings)}.json" if self.cache_dir and weights else None
+            if cached is not None and cached.is_file():
+                shutil.copyfile(cached, target)
+            else:
+                if self.threads:
+                    args += ["--threads", str(self.threads)]
+                self._cli(args + ["--json", str(target)], f"{kind} of {spec}")
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(target, cached)
+            results[kind] = json.loads(target.read_text())
+        return results
+
+
+def _variant(name: str, stage: str | None, spec: str, weights: str | None, measured: dict, report: dict | None
+             ) -> dict:
+    return {"name": name, "stage": stage, "model": spec, "weights_sha256": weights,
+            "eval": measured.get("eval"), "bench": measured.get("bench"), "stage_report": report}
+
+
+def _check_data(recipe, stage_objs) -> None:
+    """Load every data set the recipe will use, so a bad spec fails before any work is done."""
+    from lmslim.data.spec import load_data
+    from lmslim.recipes.stages import STAGES
+
+    roles = {role for spec, obj in zip(recipe.stages, stage_objs) for role in STAGES[spec.name].needs(obj)}
+    task = recipe.eval.task
+    for role in sorted(roles):
+        load_data(getattr(recipe.data, role), task="clm" if role == "calibration" else task)
+    if recipe.eval.enabled:
+        load_data(recipe.data.eval, task=task)
+
+
+def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool = False, threads: int | None = None,
+             measure_cache: Path | None = None) -> dict:
+    """Run ``recipe`` on ``model_spec`` into ``out``; returns the results dict (also in results.json)."""
+    from lmslim.core.models import load_model, resolve
+    from lmslim.core.runtime import Runtime
+    from lmslim.recipes.stages import STAGES, StageContext, validate_stages
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose a new --out or pass --overwrite")
+    stage_objs = validate_stages(recipe)
+    _check_data(recipe, stage_objs)
+    resolved = resolve(model_spec)
+    input_hash = resolved.weights_hash()
+    runtime = Runtime.create(device="cpu", threads=threads if threads is not None else recipe.bench.threads)
+    work = out.parent / f".{out.name}.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    raw = dict(raw, model=model_spec)
+    atomic_write_text(work / "recipe.yaml", yaml.safe_dump(raw, sort_keys=False))
+    measurer = Measurer(recipe, threads, measure_cache)
+    t_start = time.perf_counter()
+
+    base_dir = work / "baseline"
+    base_dir.mkdir(exist_ok=True)
+    variants = [_variant("baseline", None, model_spec, input_hash, measurer.measure(model_spec, input_hash, base_dir),
+                         None)]
+    prev_spec, prev_fp, prev_dir, prev_weights = model_spec, _fingerprint(model_spec, input_hash), None, input_hash
+    label = recipe.name or "recipe"
+    n = len(recipe.stages)
+    for i, (spec, obj) in enumerate(zip(recipe.stages, stage_objs)):
+        kind = STAGES[spec.name]
+        sdir = work / "stages" / f"{i:02d}-{spec.name}"
+        fp = _fingerprint(prev_fp, spec.name, spec.options, recipe.data.model_dump(), recipe.eval.task)
+        done = sdir / "done.json"
+        measure_now = recipe.measure_each_stage or i == n - 1
+        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp and (sdir / "model").is_dir():
+            log.info("stage %d (%s) already done; skipping", i, spec.name)
+            record = json.loads(done.read_text())
+        else:
+            if sdir.exists():
+                shutil.rmtree(sdir)
+            sdir.mkdir(parents=True)
+            t0 = time.perf_counter()
+            lm = load_model(prev_spec, task=recipe.eval.task, dtype=runtime.dtype, device=runtime.device)
+            ctx = StageContext(recipe=recipe, runtime=runtime, work_dir=sdir / "scratch")
+            model, tokenizer, report = kind.run(lm, obj, ctx)
+            with atomic_dir(sdir / "model") as tmp:
+                save_model(model, tokenizer, tmp)
+            del lm, model
+            if (sdir / "scratch").exists():
+                shutil.rmtree(sdir / "scratch")
+            report = dict(report or {}, seconds_total=time.perf_counter() - t0)
+            atomic_write_json(sdir / "stage.json", {"stage": spec.name, "options": spec.options, "report": report})
+            weights = resolve(str(sdir / "model")).weights_hash()
+            if measure_now and weights != variants[-1]["weights_sha256"]:
+                measurer.measure(str(sdir / "model"), weights, sdir)
+            record = {"fingerprint": fp, "weights_sha256": weights}
+            atomic_write_json(done, record)
+        stage_report = json.loads((sdir / "stage.json").read_text())["report"]
+        measured = {k: json.loads((sdir / f"{k}.json").read_text()) for k in ("eval", "bench")
+                    if (sdir / f"{k}.json").is_file()}
+        if record["weights_sha256"] == variants[-1]["weights_sha256"]:
+            log.info("stage %d (%s) left the weights unchanged; no new variant", i, spec.name)
+        elif measured:
+            variants.append(_variant(f"{label} · {i}:{spec.name}", spec.name, f"stages/{sdir.name}/model",
+                                     record["weights_sha256"], measured, stage_report))
+        prev_spec, prev_fp, prev_dir, prev_weights = str(sdir / "model"), fp, sdir, record["weights_sha256"]
+
+    shutil.move(str(prev_dir / "model"), str(work / "model"))
+    if not recipe.keep_intermediate:  # kept until now so any interrupted run could resume
+        for d in (work / "stages").iterdir():
+            if (d / "model").exists():
+                shutil.rmtree(d / "model")
+    if variants[-1]["stage"] is not None and variants[-1]["weights_sha256"] == prev_weights:
+        variants[-1]["model"] = "model"
+    results = {"kind": "compress", "recipe": label, "input": {"spec": model_spec, "weights_sha256": input_hash},
+               "task": recipe.eval.task, "variants": variants, "seconds": time.perf_counter() - t_start}
+    atomic_write_json(work / "results.json", results)
+    _promote(work, out)
+    return results
+
+
+def _promote(work: Path, out: Path) -> None:
+    """Rename the finished work folder to ``out``, replacing an old ``out`` only after success."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out)

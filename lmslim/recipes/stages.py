@@ -1,0 +1,225 @@
+"""Recipe stages: each technique family registers a stage under its recipe name.
+
+A stage turns one saved model folder into another. ``parse`` validates the stage's options into the
+technique's own config object (so a recipe key is exactly a config field), ``run`` applies it to a
+loaded model in place. ``validate_stages`` checks the order and the data a recipe's stages need
+before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lmslim.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides the model: the recipe's data roles and the runtime."""
+
+    recipe: Any
+    runtime: Any
+    work_dir: Path  # a scratch folder for this stage (checkpoints, caches)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """One recipe stage type.
+
+    Attributes:
+        parse: options dict → validated stage object (raises ``UserError``).
+        run: ``(loaded_model, stage_object, context) -> (model, tokenizer, report)``; may return a new model.
+        needs: data roles the stage reads (``calibration``, ``train``), checked before the run.
+        trains: whether it changes float weights by training or pruning (impossible after quantize).
+        last: whether it must be the final stage (export).
+    """
+
+    name: str
+    summary: str
+    parse: Callable[[dict], Any]
+    run: Callable[..., tuple[Any, Any, dict]]
+    needs: Callable[[Any], tuple[str, ...]] = lambda obj: ()
+    trains: bool = True
+    last: bool = False
+    reference: Callable[[], list[tuple[str, list[tuple[str, str, str]]]]] = lambda: []
+
+
+STAGES: dict[str, StageKind] = {}
+
+
+def register_stage(kind: StageKind) -> StageKind:
+    if kind.name in STAGES:
+        raise ValueError(f"stage {kind.name!r} registered twice")
+    STAGES[kind.name] = kind
+    return kind
+
+
+def build_config(cls: type, options: dict, where: str, extra_keys: set[str] = frozenset()) -> Any:
+    """Build a frozen config dataclass from recipe options with helpful errors."""
+    from lmslim.recipes.schema import did_you_mean
+
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in options.items():
+        if key in extra_keys:
+            continue
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, set(fields) | set(extra_keys))}")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from e
+
+
+def config_reference(cls: type) -> list[tuple[str, str, str]]:
+    """(field, type, default) rows of a config dataclass, for the generated recipe reference."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "required"
+        rows.append((f.name, str(f.type).replace("typing.", ""), default))
+    return rows
+
+
+def _int_option(options: dict, key: str, default: int, where: str) -> int:
+    value = options.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+
+@dataclass(frozen=True)
+class QuantizeStage:
+    config: Any
+    calib_samples: int
+    seq_len: int
+
+
+def _parse_quantize(options: dict) -> QuantizeStage:
+    from lmslim.compress.quantize import QUANTIZERS
+
+    where = "stage quantize"
+    method = options.get("method")
+    if method is None:
+        raise UserError(f"{where}: 'method' is required ({', '.join(QUANTIZERS.names())})")
+    cls = QUANTIZERS.config_class(method)
+    extra = {"method", "calib_samples", "seq_len"}
+    config = build_config(cls, options, f"{where} ({method})", extra)
+    return QuantizeStage(config, _int_option(options, "calib_samples", 128, where),
+                         _int_option(options, "seq_len", 512, where))
+
+
+def calibration_for(lm, ctx: StageContext, samples: int, seq_len: int):
+    from lmslim.data.calib import calibration_ids
+    from lmslim.data.spec import load_data
+
+    docs = load_data(ctx.recipe.data.calibration, task="clm").documents
+    return calibration_ids(lm.tokenizer, docs, samples, seq_len)
+
+
+def _run_quantize(lm, stage: QuantizeStage, ctx: StageContext):
+    from lmslim.compress.quantize import quantize_
+
+    calib = None
+    if getattr(stage.config, "needs_calibration", False):
+        calib = calibration_for(lm, ctx, stage.calib_samples, stage.seq_len)
+    report = quantize_(lm.model, stage.config, calib)
+    return lm.model, lm.tokenizer, report
+
+
+def _quantize_reference():
+    from lmslim.compress.quantize import QUANTIZERS
+
+    return [(f"method: {name}", config_reference(cls)) for name, (cls, _) in QUANTIZERS.entries.items()]
+
+
+register_stage(StageKind(
+    name="quantize", summary="quantize weights (and activations for W8A8 methods); must come after every "
+    "training/pruning stage. Calibrated methods also take calib_samples (128) and seq_len (512).",
+    parse=_parse_quantize, run=_run_quantize,
+    needs=lambda s: ("calibration",) if getattr(s.config, "needs_calibration", False) else (),
+    trains=False, reference=_quantize_reference))
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+@dataclass(frozen=True)
+class ExportStage:
+    format: str = "hf"
+
+    def __post_init__(self) -> None:
+        if self.format != "hf":
+            raise UserError(f"export format {self.format!r} is not supported; use hf (a Hugging Face folder)")
+
+
+def _run_export(lm, stage: ExportStage, ctx: StageContext):
+    # The folder every stage writes is already a self-contained HF folder that lmslim (and, for
+    # unquantized, uniformly shaped models, plain transformers) loads; export marks the final one.
+    return lm.model, lm.tokenizer, {"format": stage.format}
+
+
+register_stage(StageKind(
+    name="export", summary="mark the final model folder for hand-off (format: hf); must be the last stage",
+    parse=lambda o: build_config(ExportStage, o, "stage export"), run=_run_export, trains=False, last=True,
+    reference=lambda: [("", config_reference(ExportStage))]))
+
+
+def _load_optional_stages() -> None:
+    """Technique families that ship their own stage adapters register them on import."""
+    import importlib
+
+    for mod in ("lmslim.recipes.stage_prune", "lmslim.recipes.stage_train"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+_load_optional_stages()
+
+
+def validate_stages(recipe) -> list[Any]:
+    """Parse every stage's options and check the order and data needs; returns the stage objects."""
+    objs = []
+    quantized_at = None
+    for i, spec in enumerate(recipe.stages):
+        kind = STAGES.get(spec.name)
+        if kind is None:
+            from lmslim.recipes.schema import did_you_mean
+
+            raise UserError(f"recipe: unknown stage {spec.name!r}{did_you_mean(spec.name, set(STAGES))}")
+        obj = kind.parse(spec.options)
+        if kind.last and i != len(recipe.stages) - 1:
+            raise UserError(f"recipe: stage {i} ({spec.name}) must be the last stage")
+        if kind.trains and quantized_at is not None:
+            raise UserError(f"recipe: stage {i} ({spec.name}) cannot run after quantize (stage {quantized_at}): "
+                            "quantized weights cannot be pruned or trained; move quantize later")
+        if spec.name == "quantize":
+            if quantized_at is not None:
+                raise UserError(f"recipe: stages {quantized_at} and {i} both quantize; a model is quantized once")
+            quantized_at = i
+        for role in kind.needs(obj):
+            if getattr(recipe.data, role) is None:
+                raise UserError(f"recipe: stage {i} ({spec.name}) needs data.{role}, which the recipe does not set")
+        objs.append(obj)
+    if recipe.eval.enabled and recipe.data.eval is None:
+        raise UserError("recipe: eval is enabled but data.eval is not set (set it, or eval: {enabled: false})")
+    return objs

@@ -1,0 +1,257 @@
+"""Quality-vs-cost report over one or more ``lmslim compress`` runs.
+
+Every variant (the baseline and the model after each measured stage) becomes one row with ratios to
+the baseline, the cost-model figures and a verdict on whether its speedup is real on the device it
+was measured on. ``pareto.png`` plots quality against decode speed with bubble area proportional to
+size on disk; the Pareto front (no other variant is both better in quality and faster) is drawn.
+
+Example:
+    >>> from lmslim.report.build import verdict
+    >>> verdict(1.45, sparse=False)
+    'faster: 1.45× decode, measured on this device'
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from lmslim.core.errors import UserError
+from lmslim.measure.compare import QUALITY
+
+# Decode-speed ratios within ±10% of 1 are treated as noise on a shared 2-core machine.
+NOISE = 0.10
+
+
+def verdict(speed_x: float | None, sparse: bool) -> str:
+    """Plain statement of whether a variant is really faster than the baseline here."""
+    if speed_x is None:
+        return "no decode measurement"
+    if speed_x >= 1 + NOISE:
+        text = f"faster: {speed_x:.2f}× decode, measured on this device"
+    elif speed_x > 1 - NOISE:
+        text = f"no real speedup on this device ({speed_x:.2f}× decode, within ±{NOISE:.0%} noise)"
+    else:
+        text = f"slower on this device: {speed_x:.2f}× decode"
+    if sparse:
+        text += "; its zeros are not skipped by the dense kernels"
+    return text
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for d in run_dirs:
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise UserError(f"{d} is not an lmslim compress run (no results.json)")
+        try:
+            obj = json.loads(f.read_text())
+        except ValueError as e:
+            raise UserError(f"{f} is not valid JSON ({e})") from e
+        if obj.get("kind") != "compress":
+            raise UserError(f"{f} is not a compress result")
+        obj["_dir"] = str(d)
+        runs.append(obj)
+    if not runs:
+        raise UserError("give at least one run folder")
+    return runs
+
+
+def quality_metric(rows: list[dict[str, Any]]) -> tuple[str, str, bool] | None:
+    for key, label, higher in QUALITY:
+        if any(r.get(key) is not None for r in rows):
+            return key, label, higher
+    return None
+
+
+def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat rows: baseline first (deduplicated by weights hash), then every run's stage variants."""
+    rows: list[dict[str, Any]] = []
+    seen_baselines: set[str] = set()
+    for run in runs:
+        for v in run["variants"]:
+            if v["stage"] is None:
+                key = v.get("weights_sha256") or v["model"]
+                if key in seen_baselines:
+                    continue
+                seen_baselines.add(key)
+            row = {"name": v["name"], "run": run["recipe"], "stage": v["stage"], "weights_sha256": v["weights_sha256"]}
+            ev, be = v.get("eval") or {}, v.get("bench") or {}
+            for key, _, _ in QUALITY:
+                if key in ev:
+                    row[key] = ev[key]
+            if isinstance(ev.get("micro"), dict):
+                row["micro_f1"] = ev["micro"].get("f1-score")
+            for key in ("decode_tokens_per_s", "prefill_ms_p50", "size_mb", "peak_rss_mb", "params", "nonzero_params",
+                        "flops_per_token", "train_flops_per_token", "fraction_of_bound", "bytes_read_per_token"):
+                row[key] = be.get(key)
+            row["machine"] = (be.get("machine") or ev.get("machine") or {}).get("cpu")
+            rows.append(row)
+    if not rows or rows[0]["stage"] is not None:
+        raise UserError("the first run has no baseline variant")
+    base = rows[0]
+    metric = quality_metric(rows)
+    for r in rows:
+        def ratio(key: str, invert: bool = False) -> float | None:
+            a, b = base.get(key), r.get(key)
+            if not a or not b:
+                return None
+            return a / b if invert else b / a
+
+        r["decode_x"] = ratio("decode_tokens_per_s")
+        r["prefill_x"] = ratio("prefill_ms_p50", invert=True)
+        r["size_x"] = ratio("size_mb")
+        r["flops_x"] = ratio("flops_per_token")
+        # p: fraction of the baseline's weights removed or zeroed; alpha: bytes per weight vs fp32.
+        if base.get("params") and r.get("nonzero_params") is not None:
+            r["prune_ratio"] = 1 - r["nonzero_params"] / base["params"]
+        if r.get("size_mb") and r.get("params"):
+            r["quant_ratio"] = r["size_mb"] * 1e6 / (4 * r["params"])
+        if metric:
+            key, _, _ = metric
+            if r.get(key) is not None and base.get(key) is not None:
+                r["quality_delta_pct"] = 100 * (r[key] / base[key] - 1)
+        sparse = bool(r.get("params") and r.get("nonzero_params") is not None
+                      and r["nonzero_params"] < 0.95 * r["params"])
+        r["verdict"] = "baseline" if r is base else verdict(r["decode_x"], sparse)
+    mark_pareto(rows, metric)
+    return rows
+
+
+def mark_pareto(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None) -> None:
+    """``pareto`` = no other variant has better-or-equal quality AND speed, with one strictly better."""
+    for r in rows:
+        r["pareto"] = False
+    if metric is None:
+        return
+    key, _, higher = metric
+    pts = [r for r in rows if r.get(key) is not None and r.get("decode_tokens_per_s")]
+
+    def q(r: dict) -> float:
+        return r[key] if higher else -r[key]
+
+    for r in pts:
+        r["pareto"] = not any(q(o) >= q(r) and o["decode_tokens_per_s"] >= r["decode_tokens_per_s"]
+                              and (q(o) > q(r) or o["decode_tokens_per_s"] > r["decode_tokens_per_s"])
+                              for o in pts if o is not r)
+
+
+def pareto_png(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    if metric is None:
+        ax.text(0.5, 0.5, "no quality measurement", ha="center", va="center")
+    else:
+        key, label, higher = metric
+        pts = [r for r in rows if r.get(key) is not None and r.get("decode_tokens_per_s")]
+        max_size = max((r.get("size_mb") or 1) for r in pts) if pts else 1
+        for r in pts:
+            area = 60 + 1400 * (r.get("size_mb") or 0) / max_size
+            ax.scatter(r["decode_tokens_per_s"], r[key], s=area, alpha=0.55,
+                       color="tab:red" if r["pareto"] else "tab:blue", edgecolors="black", linewidths=0.6)
+            ax.annotate(r["name"], (r["decode_tokens_per_s"], r[key]), fontsize=7, xytext=(6, 4),
+                        textcoords="offset points")
+        front = sorted((r for r in pts if r["pareto"]), key=lambda r: r["decode_tokens_per_s"])
+        if len(front) > 1:
+            ax.plot([r["decode_tokens_per_s"] for r in front], [r[key] for r in front], color="tab:red", lw=1.2,
+                    label="Pareto front")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel("decode tokens/s (higher is better)")
+        ax.set_ylabel(f"{label} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title("quality vs decode speed (bubble area = size on disk)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "★" if v else ""
+    return format(v, spec)
+
+
+def table(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None) -> tuple[list[str], list[list[str]]]:
+    qlabel = metric[1] if metric else "quality"
+    head = ["variant", qlabel, "Δ quality", "decode tok/s", "decode ×", "prefill ms", "prefill ×", "size MB",
+            "size ×", "params", "non-zeros", "p (pruned)", "α (bytes/fp32)", "GFLOPs/token", "C train GFLOPs/token",
+            "frac. of bound", "Pareto", "verdict"]
+    body = []
+    for r in rows:
+        body.append([
+            r["name"], _fmt(r.get(metric[0]) if metric else None, ".4g"),
+            _fmt(r.get("quality_delta_pct"), "+.1f") + ("%" if r.get("quality_delta_pct") is not None else ""),
+            _fmt(r.get("decode_tokens_per_s"), ".1f"), _fmt(r.get("decode_x"), ".2f"),
+            _fmt(r.get("prefill_ms_p50"), ".1f"), _fmt(r.get("prefill_x"), ".2f"), _fmt(r.get("size_mb"), ".1f"),
+            _fmt(r.get("size_x"), ".2f"), _fmt(r.get("params"), ",d"), _fmt(r.get("nonzero_params"), ",d"),
+            _fmt(r.get("prune_ratio"), ".2f"), _fmt(r.get("quant_ratio"), ".2f"),
+            _fmt(r["flops_per_token"] / 1e9 if r.get("flops_per_token") else None, ".3f"),
+            _fmt(r["train_flops_per_token"] / 1e9 if r.get("train_flops_per_token") else None, ".3f"),
+            _fmt(r.get("fraction_of_bound"), ".2f"), _fmt(r["pareto"], ""), r["verdict"]])
+    return head, body
+
+
+def to_markdown(rows, metric, png_name: str = "pareto.png") -> str:
+    head, body = table(rows, metric)
+    machine = rows[0].get("machine") or "unknown CPU"
+    lines = ["# lmslim report", "", f"Measured on: {machine}. Ratios are to the baseline (first row); "
+             f"decode-speed changes within ±{NOISE:.0%} are reported as no real speedup.", "",
+             f"![quality vs decode speed]({png_name})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+    lines += ["", "p = fraction of the baseline's weights removed or zeroed; α = bytes on disk per parameter "
+              "relative to fp32; C = training FLOPs per token (cost model, forward + backward); "
+              "GFLOPs/token = decode forward FLOPs from the cost model.", ""]
+    return "\n".join(lines)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 6px;text-align:right}th{background:#f2f2f2}td:first-child,td:last-child{text-align:left}
+tr.pareto td{background:#fff4f0}img{max-width:100%;border:1px solid #ddd}p.note{color:#555;font-size:13px}"""
+
+
+def to_html(rows, metric, png: bytes) -> str:
+    head, body = table(rows, metric)
+    machine = html.escape(rows[0].get("machine") or "unknown CPU")
+    b64 = base64.b64encode(png).decode()
+    trs = []
+    for r, row in zip(rows, body):
+        cls = ' class="pareto"' if r["pareto"] else ""
+        trs.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>lmslim report</title>"
+            f"<style>{_CSS}</style></head><body><h1>lmslim report</h1>"
+            f"<p>Measured on: {machine}. Ratios are to the baseline (first row); decode-speed changes within "
+            f"±{NOISE:.0%} are reported as no real speedup. Highlighted rows are on the Pareto front.</p>"
+            f"<img id=\"pareto\" alt=\"quality vs decode speed\" src=\"data:image/png;base64,{b64}\">"
+            "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join(trs) + "</tbody></table>"
+            "<p class=\"note\">p = fraction of the baseline's weights removed or zeroed; α = bytes on disk per "
+            "parameter relative to fp32; C = training FLOPs per token (cost model); GFLOPs/token = decode forward "
+            "FLOPs from the cost model.</p></body></html>\n")
+
+
+def build_report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """Write report.md, report.html, pareto.png and rows.json into ``out`` (atomically, as a folder)."""
+    from lmslim.core.io import atomic_dir
+
+    rows = collect(load_runs(run_dirs))
+    metric = quality_metric(rows)
+    png = pareto_png(rows, metric)
+    with atomic_dir(out) as tmp:
+        (tmp / "pareto.png").write_bytes(png)
+        (tmp / "report.md").write_text(to_markdown(rows, metric))
+        (tmp / "report.html").write_text(to_html(rows, metric, png))
+        (tmp / "rows.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return {"rows": rows, "metric": metric}

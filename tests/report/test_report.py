@@ -1,0 +1,97 @@
+import json
+import os
+import shutil
+
+import pytest
+
+from lmslim.cli.main import main
+from lmslim.report.build import build_report, collect, load_runs, verdict
+
+
+def variant(name, stage, ppl, tok_s, size, params=1000, nonzero=None, sha=None):
+    return {"name": name, "stage": stage, "model": name, "weights_sha256": sha or name,
+            "eval": {"kind": "eval", "perplexity": ppl, "tokens_scored": 100},
+            "bench": {"kind": "bench", "decode_tokens_per_s": tok_s, "prefill_ms_p50": 1000 / tok_s, "size_mb": size,
+                      "params": params, "nonzero_params": nonzero if nonzero is not None else params,
+                      "flops_per_token": 2e6, "train_flops_per_token": 6e6, "fraction_of_bound": 0.3,
+                      "machine": {"cpu": "Test CPU"}}}
+
+
+def make_run(path, name, variants):
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"kind": "compress", "recipe": name, "variants": variants}))
+    return path
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    base = variant("baseline", None, 20.0, 10.0, 500, sha="B")
+    a = make_run(tmp_path / "a", "int8", [base, variant("int8", "quantize", 20.3, 14.5, 200)])
+    b = make_run(tmp_path / "b", "sparse", [base, variant("wanda", "prune", 24.0, 10.2, 500, nonzero=500),
+                                            variant("bad", "quantize", 30.0, 5.0, 300)])
+    return [a, b]
+
+
+def test_rows_ratios_pareto_and_verdicts(runs):
+    rows = collect(load_runs(runs))
+    assert [r["name"] for r in rows] == ["baseline", "int8", "wanda", "bad"]  # baseline deduplicated by hash
+    by = {r["name"]: r for r in rows}
+    assert by["int8"]["decode_x"] == pytest.approx(1.45) and by["int8"]["size_x"] == pytest.approx(0.4)
+    assert by["int8"]["quality_delta_pct"] == pytest.approx(1.5)
+    assert by["wanda"]["prune_ratio"] == pytest.approx(0.5)
+    # int8 is faster with a small loss, baseline is best quality: both on the front; wanda and bad dominated.
+    assert {r["name"] for r in rows if r["pareto"]} == {"baseline", "int8"}
+    assert by["int8"]["verdict"].startswith("faster: 1.45×")
+    assert "no real speedup" in by["wanda"]["verdict"] and "zeros are not skipped" in by["wanda"]["verdict"]
+    assert by["bad"]["verdict"].startswith("slower on this device")
+
+
+def test_verdict_thresholds():
+    assert verdict(1.09, False).startswith("no real speedup")
+    assert verdict(1.10, False).startswith("faster")
+    assert verdict(0.9, False).startswith("slower")
+    assert verdict(None, False) == "no decode measurement"
+
+
+def test_report_files_and_cli_errors(runs, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| int8 |" in md and "faster: 1.45×" in md and "![quality vs decode speed](pareto.png)" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    capsys.readouterr()
+    assert main(["report", str(runs[0]), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r2")]) == 2
+    assert "not an lmslim compress run" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("LMSLIM_REQUIRE_BROWSER"),
+                    reason="no chromium here (CI installs it and sets LMSLIM_REQUIRE_BROWSER=1)")
+def test_report_renders_in_headless_chromium(runs, tmp_path):
+    """The self-contained page loads with its chart and no console errors; a screenshot is kept."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "LMSLIM_REQUIRE_BROWSER is set but chromium is not installed"
+    build_report(runs, tmp_path / "rep")
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((tmp_path / "rep" / "report.html").as_uri())
+        width = page.evaluate("document.getElementById('pareto').naturalWidth")
+        rows = page.evaluate("document.querySelectorAll('tbody tr').length")
+        artifacts = os.environ.get("LMSLIM_TEST_ARTIFACTS", str(tmp_path))
+        os.makedirs(artifacts, exist_ok=True)
+        page.screenshot(path=os.path.join(artifacts, "report.png"), full_page=True)
+        browser.close()
+    assert width > 100 and rows == 4 and errors == []

@@ -175,7 +175,7 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
             sdir.mkdir(parents=True)
             t0 = time.perf_counter()
             lm = load_model(prev_spec, task=recipe.eval.task, dtype=runtime.dtype, device=runtime.device)
-            ctx = StageContext(recipe=recipe, runtime=runtime, work_dir=sdir / "scratch")
+            ctx = StageContext(recipe=recipe, runtime=runtime, work_dir=sdir / "scratch", input_spec=model_spec)
             model, tokenizer, report = kind.run(lm, obj, ctx)
             with atomic_dir(sdir / "model") as tmp:
                 save_model(model, tokenizer, tmp)

@@ -26,6 +26,7 @@ class StageContext:
     recipe: Any
     runtime: Any
     work_dir: Path  # a scratch folder for this stage (checkpoints, caches)
+    input_spec: str = ""  # the model the recipe started from (the default distillation teacher)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def build_config(cls: type, options: dict, where: str, extra_keys: set[str] = fr
     """Build a frozen config dataclass from recipe options with helpful errors."""
     from lmslim.recipes.schema import did_you_mean
 
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # needs_calibration is a class fact, not a user setting.
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "needs_calibration"}
     kwargs = {}
     for key, value in options.items():
         if key in extra_keys:
@@ -84,7 +86,7 @@ def config_reference(cls: type) -> list[tuple[str, str, str]]:
     """(field, type, default) rows of a config dataclass, for the generated recipe reference."""
     rows = []
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.name == "needs_calibration":
             continue
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)

@@ -28,10 +28,14 @@ def tiny_overrides(recipe, text_file) -> list[str]:
              if getattr(recipe.data, role) is not None]
     items += ["eval.enabled=false", "bench.enabled=false"]
     for i, stage in enumerate(recipe.stages):
-        opts = stage.options
-        for key, value in (("calib_samples", 4), ("seq_len", 64), ("max_steps", 2), ("batch_size", 2)):
+        opts, at = stage.options, f"stages.{i}.{stage.name}"
+        for key, value in (("calib_samples", 4), ("seq_len", 64)):
             if key in opts:
-                items.append(f"stages.{i}.{stage.name}.{key}={value}")
+                items.append(f"{at}.{key}={value}")
+        if "train" in opts:
+            items += [f"{at}.train.max_steps=2", f"{at}.train.batch.batch_size=2", f"{at}.train.batch.max_length=64"]
+            if "eval" in opts["train"]:
+                items.append(f"{at}.train.eval.every_steps=1")
     return items
 
 

@@ -1,0 +1,71 @@
+"""Recipe stage ``prune``: every method of ``lmslim.compress.prune`` by its registered name.
+
+Options are the method's config fields plus ``calib_samples`` / ``seq_len`` for calibrated methods::
+
+    - prune: {method: wanda, sparsity: 0.5, calib_samples: 64}
+    - prune: {method: neurons, fraction: 0.5}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmslim.recipes.stages import (StageContext, StageKind, _int_option, build_config, calibration_for,
+                                   config_reference, register_stage)
+from lmslim.recipes import run as _run
+from lmslim.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class PruneStage:
+    config: Any
+    calib_samples: int
+    seq_len: int
+
+
+def _parse(options: dict) -> PruneStage:
+    from lmslim.compress.prune import PRUNERS
+
+    where = "stage prune"
+    method = options.get("method")
+    if method is None:
+        raise UserError(f"{where}: 'method' is required ({', '.join(PRUNERS.names())})")
+    cls = PRUNERS.config_class(method)
+    config = build_config(cls, options, f"{where} ({method})", {"method", "calib_samples", "seq_len"})
+    return PruneStage(config, _int_option(options, "calib_samples", 128, where),
+                      _int_option(options, "seq_len", 512, where))
+
+
+def _run_stage(lm, stage: PruneStage, ctx: StageContext):
+    from lmslim.compress.prune import prune_
+
+    calib = None
+    if getattr(stage.config, "needs_calibration", False):
+        calib = calibration_for(lm, ctx, stage.calib_samples, stage.seq_len)
+    report = prune_(lm.model, stage.config, calib)
+    return lm.model, lm.tokenizer, report
+
+
+def _reference():
+    from lmslim.compress.prune import PRUNERS
+
+    return [(f"method: {name}", config_reference(cls)) for name, (cls, _) in PRUNERS.entries.items()]
+
+
+def _save_pruned(model, tokenizer, folder) -> bool:
+    if not getattr(model.config, "lmslim_pruning", None):
+        return False
+    from lmslim.compress.prune.sparse_format import save_pruned
+
+    save_pruned(model, tokenizer, folder)
+    return True
+
+
+register_stage(StageKind(
+    name="prune", summary="unstructured (magnitude, wanda, sparsegpt; N:M) or structured (heads, neurons, "
+    "layers) pruning. Calibrated methods also take calib_samples (128) and seq_len (512).",
+    parse=_parse, run=_run_stage,
+    needs=lambda s: ("calibration",) if getattr(s.config, "needs_calibration", False) else (),
+    trains=True, reference=_reference))
+_run._SAVERS.append(_save_pruned)

@@ -1,0 +1,212 @@
+"""Recipe stages that train: ``finetune`` (the task loss) and ``distill`` (KD from a teacher).
+
+Both take the training engine's config (``lmslim.train.config.TrainConfig``) under ``train``::
+
+    - finetune: {train: {max_steps: 200, optim: {lr: 1e-4}, batch: {batch_size: 8, max_length: 256}}}
+    - distill: {teacher: input, alpha: 0.5, temperature: 2.0, hidden_weight: 1.0,
+                train: {max_steps: 200}}
+
+Recovery after unstructured pruning keeps the zeros: with ``keep_sparsity`` (default on) every
+weight that is exactly zero when the stage starts is set back to zero after each optimizer step, so
+the fine-tuned model has the same sparsity pattern (masked fine-tuning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmslim.core.errors import UserError
+from lmslim.recipes.stages import StageContext, StageKind, build_config, config_reference, register_stage
+
+
+@dataclass(frozen=True)
+class TrainStage:
+    train: Any  # TrainConfig
+    keep_sparsity: bool = True
+    distill: Any = None  # DistillConfig for the distill stage
+    teacher: str = "input"
+    student_layers: Any = None  # distill: cut the student to these layers first (K = keep one in K, or a list)
+
+
+def _train_config(options: dict, where: str):
+    from lmslim.train.config import TrainConfig
+
+    train = options.get("train", {}) or {}
+    if not isinstance(train, dict):
+        raise UserError(f"{where}: train must be a mapping of training-config keys")
+    try:
+        return TrainConfig.from_dict(train)
+    except UserError as e:
+        raise UserError(f"{where}: train: {e}") from e
+
+
+def _parse_finetune(options: dict) -> TrainStage:
+    where = "stage finetune"
+    allowed = {"train", "keep_sparsity"}
+    for key in options:
+        if key not in allowed:
+            from lmslim.recipes.schema import did_you_mean
+
+            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}")
+    return TrainStage(train=_train_config(options, where), keep_sparsity=bool(options.get("keep_sparsity", True)))
+
+
+def _parse_distill(options: dict) -> TrainStage:
+    from lmslim.compress.distill import DistillConfig
+
+    where = "stage distill"
+    extra = {"train", "keep_sparsity", "teacher", "student_layers"}
+    cfg = build_config(DistillConfig, {k: v for k, v in options.items() if k != "task"}, where, extra)
+    return TrainStage(train=_train_config(options, where), keep_sparsity=bool(options.get("keep_sparsity", True)),
+                      distill=cfg, teacher=str(options.get("teacher", "input")),
+                      student_layers=options.get("student_layers"))
+
+
+def sparsity_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Keep-masks of the 2-D weights that are at least 5% exact zeros (pruned matrices)."""
+    masks = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "embed" not in name:
+            keep = p.detach() != 0
+            if (~keep).float().mean() >= 0.05:
+                masks[name] = keep
+    return masks
+
+
+def _mask_callback(model: torch.nn.Module, masks: dict[str, torch.Tensor]):
+    params = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def reapply(_step: int, _record: dict) -> None:
+        for name, keep in masks.items():
+            params[name].mul_(keep)
+    return reapply
+
+
+def _run_training(lm, stage: TrainStage, ctx: StageContext, task: str, teacher=None):
+    from safetensors.torch import load_file
+
+    from lmslim.data.spec import load_data
+    from lmslim.train.data import tokenize
+    from lmslim.train.loop import train
+
+    cfg = stage.train
+    data = load_data(ctx.recipe.data.train, task=task)
+    train_set = tokenize(data, lm.tokenizer, task, max_length=cfg.batch.max_length, pack=cfg.batch.pack)
+    eval_set = None
+    if ctx.recipe.data.validation:
+        eval_set = tokenize(load_data(ctx.recipe.data.validation, task=task), lm.tokenizer, task,
+                            max_length=cfg.batch.max_length, pack=cfg.batch.pack, label_names=train_set.label_names)
+    model = lm.model
+    if lm.tokenizer.pad_token_id is None:
+        lm.tokenizer.pad_token = lm.tokenizer.eos_token
+    masks = sparsity_masks(model) if stage.keep_sparsity else {}
+    callbacks = [_mask_callback(model, masks)] if masks else []
+    objective = None
+    if stage.distill is not None:
+        from lmslim.compress.distill.objective import DistillObjective
+
+        objective = DistillObjective(teacher, model, stage.distill)
+    result = train(model, train_set, cfg, ctx.runtime, eval_data=eval_set, objective=objective,
+                   out_dir=ctx.work_dir, callbacks=callbacks)
+    if result.best_step is not None and result.best_step != result.steps:
+        # The loop saved the best evaluated weights; hand those on, not the last step's.
+        state = load_file(str(ctx.work_dir / "model.safetensors"))
+        model.load_state_dict(state, strict=False)
+    model.eval()
+    report = {"steps": result.steps, "final_loss": result.final_loss, "tokens_seen": result.tokens_seen,
+              "train_tokens_per_s": result.tokens_per_s, "train_seconds": result.elapsed_s,
+              "best_step": result.best_step, "best_metric": result.best_metric,
+              "stopped_early": result.stopped_early, "kept_sparse_matrices": len(masks)}
+    return model, lm.tokenizer, report
+
+
+def _run_finetune(lm, stage: TrainStage, ctx: StageContext):
+    return _run_training(lm, stage, ctx, ctx.recipe.eval.task)
+
+
+def _run_distill(lm, stage: TrainStage, ctx: StageContext):
+    import dataclasses
+
+    from lmslim.compress.distill.student import check_same_vocabulary, parse_layers, student_from_layers
+    from lmslim.compress.calibration import transformer_blocks
+    from lmslim.core.models import load_model
+
+    task = ctx.recipe.eval.task
+    spec = ctx.input_spec if stage.teacher == "input" else stage.teacher
+    teacher = load_model(spec, task=task, dtype=torch.float32, device=ctx.runtime.device)
+    check_same_vocabulary(teacher.model, teacher.tokenizer, lm.model, lm.tokenizer)
+    if stage.student_layers is not None:
+        n = len(transformer_blocks(lm.model)[1])
+        layers = parse_layers(str(stage.student_layers).strip("[]"), n)
+        lm.model = student_from_layers(lm.model, layers)
+    config = dataclasses.replace(stage.distill, task=task)
+    return _run_training(lm, dataclasses.replace(stage, distill=config), ctx, task, teacher=teacher.model)
+
+
+_TRAIN_KEYS = [("train", "mapping", "training config: every key of `lmslim train --config` (see docs/train.md)"),
+               ("keep_sparsity", "bool", "True (re-zero pruned weights after every step)")]
+
+
+def _distill_reference():
+    from lmslim.compress.distill import DistillConfig
+
+    rows = [r for r in config_reference(DistillConfig) if r[0] != "task"]
+    return [("", rows + [("teacher", "str", "'input' (the recipe's model) or a model spec"),
+                         ("student_layers", "int | list", "None (K: keep one layer in K; or a list of layers)")]
+             + _TRAIN_KEYS)]
+
+
+register_stage(StageKind(
+    name="finetune", summary="train the current model on data.train with its task loss (recovery after "
+    "pruning); data.validation enables early stopping and best-checkpoint selection",
+    parse=_parse_finetune, run=_run_finetune, needs=lambda s: ("train",), trains=True,
+    reference=lambda: [("", _TRAIN_KEYS)]))
+register_stage(StageKind(
+    name="distill", summary="train the current model (the student) to match a frozen teacher (default: the "
+    "recipe's input model) with logit KD and optional hidden-state/attention losses",
+    parse=_parse_distill, run=_run_distill, needs=lambda s: ("train",), trains=True, reference=_distill_reference))
+
+
+# ------------------------------------------------------------------------------------------------- share
+# Sharing changes the weights without training; it lives here because recovery (distill/finetune)
+# is what makes it useful, and both read the same saved format.
+
+def _parse_share(options: dict):
+    from lmslim.compress.share import ShareConfig
+
+    return build_config(ShareConfig, options, "stage share")
+
+
+def _run_share(lm, config, ctx: StageContext):
+    from lmslim.compress.share import share_
+
+    return lm.model, lm.tokenizer, share_(lm.model, config)
+
+
+def _save_shared(model, tokenizer, folder) -> bool:
+    if not getattr(model.config, "lmslim_sharing", None):
+        return False
+    from lmslim.compress.share.albert import save_shared
+
+    save_shared(model, tokenizer, folder)
+    return True
+
+
+def _share_reference():
+    from lmslim.compress.share import ShareConfig
+
+    return [("", config_reference(ShareConfig))]
+
+
+register_stage(StageKind(
+    name="share", summary="ALBERT-style cross-layer sharing: one set of block weights per group of consecutive "
+    "layers (fewer stored parameters; FLOPs unchanged); follow it with distill to recover",
+    parse=_parse_share, run=_run_share, trains=True, reference=_share_reference))
+
+from lmslim.recipes import run as _run  # noqa: E402 - registers the saver once the stage exists
+
+_run._SAVERS.append(_save_shared)

@@ -250,6 +250,11 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
             from lmslim.compress.share import load_shared  # re-ties layers whose weights are stored once
 
             model = load_shared(resolved.path, config, _auto_class(task), dtype)
+        elif (getattr(config, "lmslim_sparsity", None) or getattr(config, "lmslim_structure", None)) \
+                and resolved.path is not None:
+            from lmslim.compress.prune.sparse_format import load_pruned  # bitmask tensors / per-layer shapes
+
+            model = load_pruned(resolved.path, config, _auto_class(task))
         else:
             model = _auto_class(task).from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
                                                       **({"config": config} if new_head_labels else {}))

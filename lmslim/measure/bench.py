@@ -179,6 +179,9 @@ def bench(loaded, cfg: BenchConfig, device: torch.device | str = "cpu") -> dict[
     if quant:
         result["quantization"] = {"method": quant.get("method"), "kernels": kernels,
                                   "bits": sorted({m["bits"] for m in quant.get("modules", {}).values()})}
+    pruning = getattr(model.config, "lmslim_pruning", None)
+    if pruning:
+        result["pruning"] = {"methods": [s.get("method") for s in pruning.get("steps", [])], "n_m": pruning.get("n_m")}
     result["notes"] = verdict(result, causal) + kernel_notes(kernels)
     return result
 
@@ -208,7 +211,12 @@ def verdict(r: dict[str, Any], causal: bool) -> list[str]:
     else:
         notes.append(f"decode reaches {frac:.0%} of the memory-bandwidth bound: fewer bytes per token "
                      "(quantization, structured pruning) is what makes it faster")
-    if r["nonzero_params"] < 0.95 * r["params"]:
+    n_m = (r.get("pruning") or {}).get("n_m")
+    if n_m:
+        # lmslim runs N:M weights with dense kernels: no semi-structured sparse kernel exists on CPU.
+        notes.append(f"weights follow a {n_m} sparsity pattern, but they run on dense kernels here (no sparse "
+                     f"{n_m} kernel is used): no speedup on this device; only its smaller compressed file")
+    elif r["nonzero_params"] < 0.95 * r["params"]:
         notes.append(f"{1 - r['nonzero_params'] / r['params']:.0%} of weights are zero, but dense kernels still "
-                     "read and multiply them: no speedup from unstructured sparsity on this device")
+                     "read and multiply them: no speedup on this device from unstructured sparsity")
     return notes

@@ -1,0 +1,134 @@
+"""Saving and loading pruned models.
+
+Format (a normal HF folder; only what pruning changed differs):
+
+- ``config.json``: the model config, with the pruned shapes written into its ordinary fields where
+  every block is alike (then plain ``transformers`` ``from_pretrained`` loads the folder), plus:
+
+  - ``lmslim_structure`` (only for per-layer shapes that differ): ``{"format": 1, "family":
+    "llama"|"gpt2", "layers": [{"intermediate_size", "num_attention_heads", "num_key_value_heads"},
+    ...]}``, one entry per decoder layer;
+  - ``lmslim_sparsity`` (only when saved compressed): ``{"format": 1, "tensors": {name: {"shape",
+    "dtype"}}}`` for every tensor stored as bitmask + values;
+  - ``lmslim_pruning``: provenance (the methods applied, and the N:M pattern if any).
+- ``model.safetensors``: dense tensors as usual, except that each compressed tensor ``name`` is
+  stored as ``name.sparse_bitmask`` (uint8, one bit per element in row-major order, little-endian
+  bit order; 1 = stored) and ``name.sparse_values`` (the stored elements in row-major order, in the
+  tensor's own dtype). An element is stored when its bit pattern is not all zeros, so ``-0.0``
+  survives and the reload is bit-identical.
+
+A tensor is compressed only when that is smaller: for fp32 that is below ~97% density (the bitmask
+costs 1/32 of the dense size). A folder with ``lmslim_sparsity`` or ``lmslim_structure`` needs
+``lmslim`` to load (``load_model`` recognises both); save with ``compress=False`` for a plain folder
+of dense tensors that any tool reads (same numbers, dense size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmslim.core.errors import UserError
+
+SPARSITY_FORMAT = 1
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (the first name wins), contiguous for safetensors."""
+    seen: dict[tuple[int, int], str] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.numel())
+        if t.numel() and key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bitmask uint8, values) for a tensor; the mask marks elements whose bits are not all zero."""
+    flat = t.reshape(-1)
+    stored = flat.view(_INT_VIEW[t.element_size()]) != 0
+    bits = np.packbits(stored.numpy(), bitorder="little")
+    return torch.from_numpy(bits), flat[stored].clone()
+
+
+def decode(bitmask: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    numel = int(np.prod(shape)) if shape else 1
+    stored = torch.from_numpy(np.unpackbits(bitmask.numpy(), count=numel, bitorder="little").astype(bool))
+    flat = torch.zeros(numel, dtype=values.dtype)
+    if int(stored.sum()) != values.numel():
+        raise UserError("a sparse tensor's bitmask and values disagree; the file is damaged, re-export it")
+    flat[stored] = values
+    return flat.reshape(shape)
+
+
+def _worth_compressing(t: torch.Tensor) -> bool:
+    if t.dim() != 2 or not t.is_floating_point():
+        return False
+    nnz = int((t.reshape(-1).view(_INT_VIEW[t.element_size()]) != 0).sum())
+    dense = t.numel() * t.element_size()
+    return nnz * t.element_size() + (t.numel() + 7) // 8 < dense
+
+
+def save_pruned(model, tokenizer, folder: Path, compress: bool = True) -> dict[str, int]:
+    """Write a pruned model into ``folder`` (created if needed; see ``lmslim.core.io.atomic_dir`` for atomicity).
+
+    Returns:
+        ``{"compressed_tensors": n, "bytes": size of model.safetensors}``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = unique_state_dict(model)
+    record = {}
+    if compress:
+        for name in [n for n, t in state.items() if _worth_compressing(t)]:
+            t = state.pop(name)
+            state[f"{name}.sparse_bitmask"], state[f"{name}.sparse_values"] = encode(t)
+            record[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    cfg = model.config
+    if record:
+        cfg.lmslim_sparsity = {"format": SPARSITY_FORMAT, "tensors": record}
+    elif hasattr(cfg, "lmslim_sparsity"):
+        del cfg.lmslim_sparsity
+    cfg.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return {"compressed_tensors": len(record), "bytes": (folder / "model.safetensors").stat().st_size}
+
+
+def load_pruned(folder: Path, config, auto_class):
+    """Rebuild a model saved by :func:`save_pruned` (per-layer shapes and/or compressed tensors)."""
+    from lmslim.compress.prune.structured import apply_structure
+
+    sparsity = getattr(config, "lmslim_sparsity", None) or {}
+    if sparsity and sparsity.get("format") != SPARSITY_FORMAT:
+        raise UserError(f"{folder}: sparse format {sparsity.get('format')} is not supported by this lmslim")
+    model = auto_class.from_config(config, dtype=torch.float32)
+    structure = getattr(config, "lmslim_structure", None)
+    if structure:
+        apply_structure(model, structure)
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    for name, spec in sparsity.get("tensors", {}).items():
+        try:
+            bitmask, values = state.pop(f"{name}.sparse_bitmask"), state.pop(f"{name}.sparse_values")
+        except KeyError:
+            raise UserError(f"{folder}: sparse tensor {name} is missing from model.safetensors; re-export it") from None
+        state[name] = decode(bitmask, values, spec["shape"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise UserError(f"{folder}: pruned weights do not match the recorded layout "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model

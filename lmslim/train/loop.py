@@ -98,7 +98,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         raise UserError(f"{type(model).__name__} does not support activation checkpointing; "
                         "set precision.activation_checkpointing=false")
     # Non-reentrant checkpointing works with frozen inputs and keyword arguments, and is torch's recommendation.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def accumulate(model: nn.Module, micro: Sequence[Batch], objective: Objective, runtime: Runtime,
@@ -291,7 +295,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                     _save_model(model, train_data.tokenizer, out / "best")
                 if config.early_stop.patience and state["bad_evals"] >= config.early_stop.patience:
                     stopped_early = True
-            stop = any(cb(step, record) for cb in callbacks)
+            stop = any([cb(step, record) is True for cb in callbacks])  # every callback runs
             if step % config.log.every_steps == 0 or eval_metrics or is_last or stop or stopped_early:
                 w = window["steps"]
                 logged = {"step": step, "epoch": state["epoch"], "loss": window["loss"] / w, "lr": lr,

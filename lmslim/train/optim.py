@@ -82,13 +82,13 @@ def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int) -> float:
     """Multiplier of the peak lr for 0-based optimizer step ``step``.
 
     Warmup is linear and reaches the peak at step ``warmup_steps - 1``; afterwards the factor decays
-    from 1 to ``min_lr_ratio`` at the last step (linear or half a cosine), or stays 1 (constant).
+    from 1 toward ``min_lr_ratio`` (reached after the last step; linear or half a cosine), or stays 1.
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.name == "constant":
         return 1.0
-    span = max(1, total_steps - cfg.warmup_steps - 1)
+    span = max(1, total_steps - cfg.warmup_steps)  # the final step still learns (factor just above min)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     shape = 1.0 - progress if cfg.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape

@@ -1,0 +1,90 @@
+"""``lmslim train``: fine-tune, continue pretraining or train from a config (see docs/train.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, out
+from lmslim.core.errors import UserError
+
+TRAIN_TASKS = ("clm", "seq-cls", "token-cls")
+
+
+def check_out_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an unusable output folder before any work starts."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out, --overwrite starts it again; pass only one")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output {path} is a file; --out must be a folder")
+    if resume:
+        if not (path / "checkpoints").is_dir():
+            raise UserError(f"nothing to resume: {path} holds no checkpoints; drop --resume to start a new run")
+    elif path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"output {path} already exists and is not empty; choose a new --out, pass --resume to "
+                        "continue its run, or --overwrite to start again")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write {path}: {probe} is not writable; choose another --out")
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="Model spec: folder, builtin:<name>, .gguf, or config:FILE.json (from scratch)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key=value, e.g. optim.lr=1e-4."),
+    data: str = typer.Option(..., "--data", help="Training data spec (file, folder, builtin:wiki:train, ...)."),
+    task: str = typer.Option("clm", "--task", help="clm | seq-cls | token-cls"),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder: final model, metrics.jsonl, checkpoints."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML (see configs/train/)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides max_steps)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Validation data spec (evaluation, "
+                                            "best checkpoint, early stopping)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty --out and start again."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="config: models: take the tokenizer from "
+                                            "this model spec (default: lmslim's byte-level tokenizer)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column"),
+    threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt, trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Train MODEL on --data for --task; writes the final model (lmslim eval accepts it) into --out."""
+    import shutil
+
+    from lmslim.core.runtime import Runtime
+    from lmslim.data.spec import load_data
+    from lmslim.train.config import TrainConfig
+    from lmslim.train.data import tokenize
+    from lmslim.train.loop import train as run_train
+    from lmslim.train.tasks import load_for_training
+
+    if task not in TRAIN_TASKS:
+        raise UserError(f"cannot train task {task!r}; choose one of: {', '.join(TRAIN_TASKS)}")
+    items = list(overrides or [])
+    if max_steps is not None:
+        if max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1, got {max_steps}")
+        items.append(f"max_steps={max_steps}")
+    cfg = TrainConfig.from_yaml(config, items)
+    check_out_dir(out_dir, resume, overwrite)
+    rt = Runtime.create(device=device, threads=threads)
+    train_data = load_data(data, task=task, text_column=text_column, label_column=label_column)
+    valid = load_data(eval_data, task=task, text_column=text_column, label_column=label_column) if eval_data else None
+    lm = load_for_training(model, task, train_data, rt, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    labels = [str(v) for _, v in sorted(lm.model.config.id2label.items())] if task != "clm" else None
+    ts = tokenize(train_data, lm.tokenizer, task, cfg.batch.max_length, cfg.batch.pack, labels)
+    vs = tokenize(valid, lm.tokenizer, task, cfg.batch.max_length, cfg.batch.pack, labels) if valid else None
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    result = run_train(lm.model, ts, cfg, rt, eval_data=vs, out_dir=out_dir, resume=resume)
+    out.print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}, "
+              f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.1f} s")
+    for k, v in result.eval.items():
+        out.print(f"  {k}: {v:.4f}")
+    if result.stopped_early:
+        out.print(f"  stopped early: best {cfg.early_stop.metric} {result.best_metric:.4f} at step {result.best_step}")
+    out.print(f"wrote {out_dir}")

@@ -68,3 +68,90 @@ def share(
               f"{size_before / 1e6:.1f} MB -> {size_after / 1e6:.1f} MB on disk. FLOPs per token are unchanged "
               "(every layer still runs); quality needs recovery (lmslim distill).", soft_wrap=True)
     out.print(f"wrote {out_dir}")
+
+
+@app.command()
+def distill(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Training config overrides key=value "
+                                                    "(e.g. optim.lr=1e-4 batch.grad_accum=2)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model spec (frozen; never modified)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student model spec (e.g. a pruned or shared "
+                                          "model); must use the teacher's tokenizer."),
+    student_layers: Optional[str] = typer.Option(None, "--student-layers", help="Cut the student from the teacher: "
+                                                 "K keeps one layer in K, or a list of teacher layers like 0,2,5."),
+    student_config: Optional[Path] = typer.Option(None, "--student-config", help="JSON/YAML config for a fresh "
+                                                  "student: a full config (with model_type) or overrides of the "
+                                                  "teacher's config (e.g. num_hidden_layers: 6)."),
+    anchor: str = typer.Option("spread", "--anchor", help="With --student-layers K: spread (first and last layer "
+                               "kept, the rest evenly spaced), first (0, K, 2K, ... as DistilBERT) or last."),
+    data: str = typer.Option(..., "--data", help="Training text (clm) or sentences (embed)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder: student, metrics.jsonl, checkpoints."),
+    task: str = typer.Option("clm", "--task", help="clm (logit KD) or embed (pooled sentence embeddings)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the hard-label CE; 1-alpha weighs the soft KL."),
+    temperature: float = typer.Option(2.0, "--temperature", help="Softmax temperature T > 0 (KL scaled by T^2)."),
+    hidden_loss: str = typer.Option("mse", "--hidden-loss", help="mse | cosine between hidden states."),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="Weight of the hidden-state loss (0 = off)."),
+    layer_map: str = typer.Option("uniform", "--layer-map", help="uniform | last | kept | pairs like 1:2,2:4."),
+    attention_weight: float = typer.Option(0.0, "--attention-weight", help="Weight of the attention-map KL "
+                                           "(0 = off; needs equal head counts; uses eager attention)."),
+    embed_loss: str = typer.Option("cosine", "--embed-loss", help="embed: cosine | mse on pooled embeddings."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML (see docs/train.md)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps; 0 saves the initialised "
+                                            "student untrained (a baseline)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Shortcut for batch.batch_size=N."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Shortcut for optim.lr=X."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Shortcut for precision.mode (auto, fp32, "
+                                            "bf16, fp16)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Validation data (evaluation, best "
+                                            "checkpoint, early stopping)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty --out and start again."),
+    threads: Optional[int] = ThreadsOpt, device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Distil a teacher into a smaller student (logit KD, hidden states, attention maps, embeddings).
+
+    The student is cut from the teacher (--student-layers), loaded (--student) or built fresh
+    (--student-config); then trained with the training engine against the frozen teacher.
+    """
+    from lmslim.cli.train_cmd import check_out_dir
+    from lmslim.compress.distill import DistillConfig
+    from lmslim.compress.distill.run import run_distill
+    from lmslim.train.config import TrainConfig
+
+    dcfg = DistillConfig(task=task, alpha=alpha, temperature=temperature, hidden_weight=hidden_weight,
+                         hidden_loss=hidden_loss, layer_map=layer_map, attention_weight=attention_weight,
+                         embed_loss=embed_loss)
+    sources = [s for s in (student, student_layers, student_config) if s is not None]
+    if len(sources) != 1:
+        raise UserError("give exactly one of --student MODEL, --student-layers K and --student-config FILE")
+    items = list(overrides or [])
+    if max_steps is not None:
+        if max_steps < 0:
+            raise UserError(f"--max-steps must be >= 0, got {max_steps}")
+        if max_steps > 0:
+            items.append(f"max_steps={max_steps}")
+    for key, value in (("batch.batch_size", batch_size), ("optim.lr", lr), ("precision.mode", precision)):
+        if value is not None:
+            items.append(f"{key}={value}")
+    tcfg = TrainConfig.from_yaml(config, items)
+    if max_steps == 0 and resume:
+        raise UserError("--max-steps 0 saves the untrained student; there is nothing to --resume")
+    check_out_dir(out_dir, resume, overwrite)
+    summary = run_distill(
+        teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
+        anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,
+        untrained=max_steps == 0, resume=resume, overwrite=overwrite, device=device, threads=threads,
+        trust_remote_code=trust_remote_code)
+    s = summary["student"]
+    out.print(f"student: {s['layers']} layers, {s['params'] / 1e6:.1f} M parameters "
+              f"(teacher {summary['teacher']['layers']} layers, {summary['teacher']['params'] / 1e6:.1f} M)")
+    if summary.get("train"):
+        t = summary["train"]
+        out.print(f"trained {t['steps']} steps: final loss {t['final_loss']:.4f}, {t['tokens_per_s']:,.0f} tokens/s, "
+                  f"{t['elapsed_s']:.1f} s")
+        for k, v in (t.get("eval") or {}).items():
+            out.print(f"  {k}: {v:.4f}")
+    else:
+        out.print("--max-steps 0: saved the initialised student untrained")
+    out.print(f"wrote {out_dir}")

@@ -97,25 +97,25 @@ class DistillConfig:
 
 @DISTILLERS.register("distill", DistillConfig)
 def distill(teacher: Any, student: Any, train_data: Any, config: DistillConfig, train_config: Any,
-            runtime: Any, *, eval_data: Any = None, out_dir: Any = None, resume: bool = False) -> Any:
-    """Train ``student`` against ``teacher`` with the training engine (``lmslim.train.train``).
+            runtime: Any, **train_kwargs: Any) -> Any:
+    """Train ``student`` against ``teacher`` with the training engine (:func:`lmslim.train.loop.train`).
 
     Args:
         teacher: the teacher model (frozen during the run; never modified).
         student: the student model (trained in place).
-        train_data, eval_data: what ``lmslim.train.train`` accepts for the task.
+        train_data: a :class:`lmslim.train.data.TokenizedSet`.
         config: the distillation losses.
-        train_config: the training engine's config (steps, batch, optimizer, precision, …).
+        train_config: a :class:`lmslim.train.config.TrainConfig` (steps, batch, optimizer, precision, …).
         runtime: the :class:`lmslim.core.runtime.Runtime`.
-        out_dir, resume: checkpoints and exact resume, as in ``lmslim.train.train``.
+        train_kwargs: passed on to ``train`` (``eval_data``, ``evaluator``, ``out_dir``, ``resume``, …).
 
     Returns:
-        Whatever ``lmslim.train.train`` returns (its run summary).
+        The :class:`lmslim.train.loop.TrainResult`. The hidden-state projection (when widths differ)
+        is trained and checkpointed with the student as part of the objective.
     """
     from lmslim.compress.distill.objective import DistillObjective
-    from lmslim.train import train
+    from lmslim.train.loop import train
 
-    objective = DistillObjective(teacher, student, config)
     teacher.to(runtime.device)
-    return train(student, train_data, train_config, runtime, eval_data=eval_data, objective=objective,
-                 out_dir=out_dir, resume=resume)
+    objective = DistillObjective(teacher, student, config)
+    return train(student, train_data, train_config, runtime, objective=objective, **train_kwargs)

@@ -50,8 +50,9 @@ def every_kth(n_layers: int, k: int, anchor: str = "spread") -> list[int]:
             ``spread`` keeps the first and the last layer and spaces the others evenly between them
             (both ends of a decoder carry the most specialised computation).
     """
-    if k < 1:
-        raise UserError(f"--student-layers must keep one layer in k >= 1, got {k}")
+    if not 1 <= k <= n_layers:
+        raise UserError(f"--student-layers K must keep one layer in k, 1 <= k <= {n_layers} (the teacher's "
+                        f"layers), got {k}")
     if anchor not in ANCHORS:
         raise UserError(f"unknown layer anchor {anchor!r}; choose one of: {', '.join(ANCHORS)}")
     n = -(-n_layers // k)

@@ -29,6 +29,8 @@ def check_out_dir(path: Path, resume: bool, overwrite: bool) -> None:
     probe = path
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {path}: {probe} is a file, not a folder; choose another --out")
     if not os.access(probe, os.W_OK):
         raise UserError(f"cannot write {path}: {probe} is not writable; choose another --out")
 

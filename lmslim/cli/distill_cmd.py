@@ -82,8 +82,9 @@ def distill(
     student_config: Optional[Path] = typer.Option(None, "--student-config", help="JSON/YAML config for a fresh "
                                                   "student: a full config (with model_type) or overrides of the "
                                                   "teacher's config (e.g. num_hidden_layers: 6)."),
-    anchor: str = typer.Option("spread", "--anchor", help="With --student-layers K: spread (first and last layer "
-                               "kept, the rest evenly spaced), first (0, K, 2K, ... as DistilBERT) or last."),
+    anchor: str = typer.Option("first", "--anchor", help="With --student-layers K: first (layers 0, K, 2K, ... as "
+                               "DistilBERT), last (the last layer and every K-th before it) or spread (first and "
+                               "last kept, the rest evenly spaced)."),
     data: str = typer.Option(..., "--data", help="Training text (clm) or sentences (embed)."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder: student, metrics.jsonl, checkpoints."),
     task: str = typer.Option("clm", "--task", help="clm (logit KD) or embed (pooled sentence embeddings)."),
@@ -95,6 +96,10 @@ def distill(
     attention_weight: float = typer.Option(0.0, "--attention-weight", help="Weight of the attention-map KL "
                                            "(0 = off; needs equal head counts; uses eager attention)."),
     embed_loss: str = typer.Option("cosine", "--embed-loss", help="embed: cosine | mse on pooled embeddings."),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Folder caching the teacher's "
+                                                 "top-k logits per row; later runs on the same text skip the teacher "
+                                                 "(clm logit KD only; soft targets use the top-k)."),
+    top_k: int = typer.Option(64, "--top-k", help="Logits per position kept in --teacher-cache."),
     config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML (see docs/train.md)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps; 0 saves the initialised "
                                             "student untrained (a baseline)."),
@@ -134,6 +139,11 @@ def distill(
     for key, value in (("batch.batch_size", batch_size), ("optim.lr", lr), ("precision.mode", precision)):
         if value is not None:
             items.append(f"{key}={value}")
+    if top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {top_k}")
+    if teacher_cache is not None and (task != "clm" or hidden_weight > 0 or attention_weight > 0):
+        raise UserError("--teacher-cache holds top-k logits only (task clm); drop it or the hidden-state / "
+                        "attention losses")
     tcfg = TrainConfig.from_yaml(config, items)
     if max_steps == 0 and resume:
         raise UserError("--max-steps 0 saves the untrained student; there is nothing to --resume")
@@ -142,7 +152,7 @@ def distill(
         teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
         anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,
         untrained=max_steps == 0, resume=resume, overwrite=overwrite, device=device, threads=threads,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, teacher_cache=teacher_cache, top_k=top_k)
     s = summary["student"]
     out.print(f"student: {s['layers']} layers, {s['params'] / 1e6:.1f} M parameters "
               f"(teacher {summary['teacher']['layers']} layers, {summary['teacher']['params'] / 1e6:.1f} M)")

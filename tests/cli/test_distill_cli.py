@@ -130,3 +130,29 @@ def test_distill_untrained_then_trained_then_shared(tmp_path, capsys, text):
     assert "model.layers.1.mlp.up_proj.weight" not in keys and "model.layers.0.mlp.up_proj.weight" in keys
     again = load_model(str(recovered)).model
     assert again.model.layers[0].mlp.up_proj.weight is again.model.layers[1].mlp.up_proj.weight
+
+
+def test_embed_student_wider_than_teacher_refused(tmp_path, capsys, text):
+    cfg = tmp_path / "wide.json"
+    cfg.write_text(json.dumps({"hidden_size": 128, "intermediate_size": 64}))
+    code, _, err = run(capsys, "distill", "--task", "embed", "--teacher", "builtin:tiny-bert", "--student-config",
+                       cfg, "--data", text, "--out", tmp_path / "s", "--max-steps", "1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "must equal teacher width" in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_teacher_cache_reused_across_runs(tmp_path, capsys, text):
+    cache = tmp_path / "cache"
+    runs = []
+    for name in ("a", "b"):
+        code, _, err = run(capsys, "distill", "--teacher", "builtin:tiny-llama", "--student-layers", "2",
+                           "--data", text, "--out", tmp_path / name, "--max-steps", "2", "--teacher-cache", cache,
+                           "--top-k", "16", "batch.max_length=64", "log.every_steps=1")
+        assert code == 0, err
+        runs.append(json.loads((tmp_path / name / "lmslim_distill.json").read_text()))
+    assert runs[0]["teacher_cache"]["misses"] > 0 and runs[1]["teacher_cache"]["misses"] == 0
+    first = runs[0]["teacher_cache"]
+    assert runs[1]["teacher_cache"]["hits"] == first["hits"] + first["misses"]  # same rows looked up
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+              for n in ("a", "b")]
+    assert losses[0] == losses[1]  # the cached soft targets are exactly what the teacher gave

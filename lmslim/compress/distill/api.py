@@ -97,7 +97,7 @@ class DistillConfig:
 
 @DISTILLERS.register("distill", DistillConfig)
 def distill(teacher: Any, student: Any, train_data: Any, config: DistillConfig, train_config: Any,
-            runtime: Any, **train_kwargs: Any) -> Any:
+            runtime: Any, *, cache: Any = None, **train_kwargs: Any) -> Any:
     """Train ``student`` against ``teacher`` with the training engine (:func:`lmslim.train.loop.train`).
 
     Args:
@@ -107,6 +107,7 @@ def distill(teacher: Any, student: Any, train_data: Any, config: DistillConfig, 
         config: the distillation losses.
         train_config: a :class:`lmslim.train.config.TrainConfig` (steps, batch, optimizer, precision, …).
         runtime: the :class:`lmslim.core.runtime.Runtime`.
+        cache: an optional :class:`lmslim.compress.distill.cache.TopKCache` (teacher top-k logits on disk).
         train_kwargs: passed on to ``train`` (``eval_data``, ``evaluator``, ``out_dir``, ``resume``, …).
 
     Returns:
@@ -117,5 +118,5 @@ def distill(teacher: Any, student: Any, train_data: Any, config: DistillConfig, 
     from lmslim.train.loop import train
 
     teacher.to(runtime.device)
-    objective = DistillObjective(teacher, student, config)
+    objective = DistillObjective(teacher, student, config, cache=cache)
     return train(student, train_data, train_config, runtime, objective=objective, **train_kwargs)

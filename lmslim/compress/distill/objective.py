@@ -54,9 +54,13 @@ class DistillObjective(nn.Module):
         config: the :class:`DistillConfig`.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig):
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig, cache: Any = None):
         super().__init__()
         self.config = config
+        self.cache = cache  # a TopKCache: soft targets from cached teacher top-k logits
+        if cache is not None and (config.task != "clm" or config.hidden_weight > 0 or config.attention_weight > 0):
+            raise UserError("the teacher cache holds top-k logits only (task clm); drop --teacher-cache or the "
+                            "hidden-state / attention losses")
         # Not a registered sub-module: the teacher's weights must not reach the optimizer or checkpoints.
         object.__setattr__(self, "teacher", teacher)
         teacher.eval()
@@ -95,6 +99,8 @@ class DistillObjective(nn.Module):
         if cfg.task == "clm":
             kw["use_cache"] = False
         teacher = self.teacher.to(device)
+        if self.cache is not None:
+            return self._cached(model, batch, inputs)
         with torch.no_grad():  # the teacher only provides targets; no graph, no activations kept
             t_out = teacher(**inputs, **kw)
         s_out = model(**inputs, **kw)
@@ -119,5 +125,20 @@ class DistillObjective(nn.Module):
             a = attention_kl_loss(s_out.attentions, t_out.attentions, self.pairs, mask)
             loss = loss + cfg.attention_weight * a
             logs["attention"] = float(a.detach())
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+    def _cached(self, model: nn.Module, batch: Mapping[str, Any], inputs: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        from lmslim.compress.distill.cache import teacher_topk, topk_logit_kd_loss
+
+        values, indices = teacher_topk(self.teacher, self.cache, inputs)
+        mask = inputs.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = inputs["input_ids"].masked_fill(mask == 0, IGNORE) if mask is not None else inputs["input_ids"]
+        s_out = model(**inputs, use_cache=False)
+        loss, logs = topk_logit_kd_loss(s_out.logits, values, indices, labels, mask, alpha=self.config.alpha,
+                                        temperature=self.config.temperature)
         logs["loss"] = float(loss.detach())
         return loss, logs

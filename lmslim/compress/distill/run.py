@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def build_student(teacher_lm: Any, *, student: str | None = None, student_layers: str | None = None,
-                  student_config: Path | None = None, anchor: str = "spread", task: str = "clm",
+                  student_config: Path | None = None, anchor: str = "first", task: str = "clm",
                   device: torch.device | str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any, dict]:
     """The student model, its tokenizer and a description of where it came from (exactly one source)."""
     from lmslim.compress.calibration import transformer_blocks
@@ -97,13 +97,15 @@ def embedding_evaluator(teacher: Any, eval_set: Any, runtime: Any, batch_size: i
 
 def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: DistillConfig, train_config: Any,
                 student: str | None = None, student_layers: str | None = None, student_config: Path | None = None,
-                anchor: str = "spread", eval_data: str | None = None, untrained: bool = False,
+                anchor: str = "first", eval_data: str | None = None, untrained: bool = False,
                 resume: bool = False, overwrite: bool = False, device: str = "auto", threads: int | None = None,
-                trust_remote_code: bool = False) -> dict[str, Any]:
+                trust_remote_code: bool = False, teacher_cache: Path | None = None, top_k: int = 64
+                ) -> dict[str, Any]:
     """Distil ``teacher`` into a student and save it (with ``lmslim_distill.json``) in ``out_dir``.
 
     Args:
         untrained: save the initialised student without training (``--max-steps 0``: a baseline).
+        teacher_cache, top_k: cache the teacher's top-k logits in this folder and reuse them (clm, logit KD only).
         Other arguments mirror ``lmslim distill``'s options.
 
     Returns:
@@ -161,14 +163,22 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
         ts = embed_set(train_raw, s_tok, train_config.batch.max_length)
         vs = embed_set(eval_raw, s_tok, train_config.batch.max_length) if eval_raw else None
         evaluator = embedding_evaluator(t.model, vs, rt) if vs is not None else None
+    cache = None
+    if teacher_cache is not None:
+        from lmslim.compress.distill.cache import TopKCache, teacher_fingerprint
+
+        cache = TopKCache(teacher_cache, top_k, t.resolved.weights_hash() or teacher_fingerprint(t.model))
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
     result = distill(t.model, s_model, ts, distill_config, train_config, rt, eval_data=vs, out_dir=out_dir,
-                     resume=resume, evaluator=evaluator)
+                     resume=resume, evaluator=evaluator, cache=cache)
     summary["train"] = {"steps": result.steps, "final_loss": result.final_loss, "tokens_seen": result.tokens_seen,
                         "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s, "eval": result.eval,
                         "best_metric": result.best_metric, "best_step": result.best_step,
                         "stopped_early": result.stopped_early, "config": train_config.to_dict()}
+    if cache is not None:
+        summary["teacher_cache"] = {"folder": str(teacher_cache), "top_k": top_k, "hits": cache.hits,
+                                    "misses": cache.misses}
     summary["seconds"] = time.perf_counter() - t0
     atomic_write_json(out_dir / "lmslim_distill.json", summary)
     return summary

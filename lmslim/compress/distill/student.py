@@ -40,15 +40,17 @@ log = logging.getLogger(__name__)
 ANCHORS = ("spread", "first", "last")
 
 
-def every_kth(n_layers: int, k: int, anchor: str = "spread") -> list[int]:
+def every_kth(n_layers: int, k: int, anchor: str = "first") -> list[int]:
     """Indices of the layers a student keeps when it keeps one teacher layer in ``k``.
 
     Args:
         n_layers: teacher layers L.
         k: keep one in k (``ceil(L / k)`` layers are kept).
-        anchor: ``first`` keeps 0, k, 2k, … (DistilBERT); ``last`` keeps L−1, L−1−k, …;
-            ``spread`` keeps the first and the last layer and spaces the others evenly between them
-            (both ends of a decoder carry the most specialised computation).
+        anchor: ``first`` keeps 0, k, 2k, … (DistilBERT; the default); ``last`` keeps L−1, L−1−k, …;
+            ``spread`` keeps the first and the last layer and spaces the others evenly between them.
+            Measured on SmolLM2-135M (30 → 15 layers, before any training, wiki:test 4096 tokens):
+            perplexity 1.0e6 (first), 2.9e6 (spread), 3.4e6 (last) against the teacher's 25.2 —
+            halving a small decoder's depth breaks it until the student is trained.
     """
     if not 1 <= k <= n_layers:
         raise UserError(f"--student-layers K must keep one layer in k, 1 <= k <= {n_layers} (the teacher's "
@@ -65,7 +67,7 @@ def every_kth(n_layers: int, k: int, anchor: str = "spread") -> list[int]:
     return [round(i * (n_layers - 1) / (n - 1)) for i in range(n)]
 
 
-def parse_layers(text: str, n_layers: int, anchor: str = "spread") -> list[int]:
+def parse_layers(text: str, n_layers: int, anchor: str = "first") -> list[int]:
     """``"2"`` → every 2nd layer; ``"0,3,5"`` → exactly those (0-based teacher layers)."""
     text = text.strip()
     try:

@@ -146,3 +146,33 @@ def test_embedding_loss_and_layer_maps():
         layer_map_for(((3, 1),), 2, 4)
     with pytest.raises(UserError, match="bad layer mapping"):
         parse_layer_map("every")
+
+
+def test_topk_cache_matches_full_kd_and_skips_teacher(tmp_path):
+    from lmslim.assets.tiny import build_tiny
+    from lmslim.compress.distill import DistillConfig, DistillObjective, student_from_layers
+    from lmslim.compress.distill.cache import TopKCache, teacher_fingerprint
+
+    teacher, _ = build_tiny("tiny-llama")
+    student = student_from_layers(teacher, [1])
+    ids = torch.randint(3, 200, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    cfg = DistillConfig(alpha=0.3, temperature=2.0)
+    full, _ = DistillObjective(teacher, student, cfg)(student, batch)
+    vocab = teacher.config.vocab_size
+    cache = TopKCache(tmp_path, k=vocab, teacher_id=teacher_fingerprint(teacher))
+    calls = []
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    cold, _ = DistillObjective(teacher, student, cfg, cache=cache)(student, batch)
+    warm, _ = DistillObjective(teacher, student, cfg, cache=cache)(student, batch)
+    handle.remove()
+    assert len(calls) == 1 and cache.hits == 2 and cache.misses == 2  # second run: no teacher forward
+    assert cold.item() == warm.item()
+    assert cold.item() == pytest.approx(full.item(), rel=1e-3)  # k = V: exact up to fp16 storage
+    small = TopKCache(tmp_path, k=8, teacher_id="other")
+    approx, logs = DistillObjective(teacher, student, cfg, cache=small)(student, batch)
+    assert small.misses == 2 and torch.isfinite(approx) and logs["tokens"] == 9 + 5
+    with pytest.raises(UserError, match="top-k logits only"):
+        DistillObjective(teacher, student, DistillConfig(hidden_weight=1.0), cache=small)

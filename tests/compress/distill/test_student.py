@@ -23,7 +23,7 @@ def test_every_kth_layer_choices():
     assert every_kth(30, 2, "last") == list(range(1, 30, 2))
     spread = every_kth(30, 2, "spread")
     assert len(spread) == 15 and spread[0] == 0 and spread[-1] == 29 and sorted(set(spread)) == spread
-    assert every_kth(6, 2) == [0, 2, 5]
+    assert every_kth(6, 2, "spread") == [0, 2, 5] and every_kth(6, 2) == [0, 2, 4]
     assert parse_layers("0,3", 4) == [0, 3]
     for bad in ("0", "x", "3,1", "0,9"):
         with pytest.raises(UserError):

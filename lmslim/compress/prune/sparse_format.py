@@ -131,4 +131,8 @@ def load_pruned(folder: Path, config, auto_class):
     if missing or unexpected:
         raise UserError(f"{folder}: pruned weights do not match the recorded layout "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if hasattr(model.config, "lmslim_sparsity"):
+        # The record describes the file, not the model in memory (its tensors are dense now): a later
+        # plain save_pretrained (e.g. after recovery training) must not claim compressed tensors.
+        del model.config.lmslim_sparsity
     return model

@@ -45,6 +45,10 @@ def test_compressed_save_reloads_bit_identical_and_is_smaller(tmp_path, name):
     assert cfg["lmslim_sparsity"]["format"] == 1 and cfg["lmslim_pruning"]["n_m"] == "2:4"
     reloaded = load_model(str(tmp_path / "sparse")).model
     assert torch.equal(_logits(reloaded), _logits(model))
+    assert not hasattr(reloaded.config, "lmslim_sparsity")  # dense in memory: a plain re-save stays valid
+    reloaded.save_pretrained(tmp_path / "resaved")
+    tok.save_pretrained(tmp_path / "resaved")
+    assert torch.equal(_logits(load_model(str(tmp_path / "resaved")).model), _logits(model))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()  # dense folder: any tool reads it
     assert torch.equal(_logits(plain), _logits(model))
 

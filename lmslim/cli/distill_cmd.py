@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from lmslim.cli.common import ThreadsOpt, TrustOpt, app, out
+from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, out
 from lmslim.core.errors import UserError
 
 
@@ -111,8 +111,7 @@ def distill(
                                             "checkpoint, early stopping)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty --out and start again."),
-    threads: Optional[int] = ThreadsOpt, device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    trust_remote_code: bool = TrustOpt,
+    threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt, trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Distil a teacher into a smaller student (logit KD, hidden states, attention maps, embeddings).
 

@@ -112,6 +112,7 @@ def student_from_layers(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
         student = copy.deepcopy(teacher)
     finally:
         _set_block_list(teacher, path, blocks)
+    student.requires_grad_(True)  # the student is trained, even when the teacher was frozen for distillation
     cfg = student.config
     cfg.num_hidden_layers = len(layers)
     if getattr(cfg, "layer_types", None):

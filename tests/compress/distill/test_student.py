@@ -125,6 +125,7 @@ def test_objective_trains_projection_not_teacher():
     loss.backward()
     assert params[0].grad is not None and {"ce", "kd", "hidden", "loss"} <= set(logs)
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student_from_layers(teacher, [0]).parameters())  # trainable again
     with pytest.raises(UserError, match="equal head counts"):
         DistillObjective(teacher, student_from_config(teacher, {"num_attention_heads": 2, "num_key_value_heads": 2,
                                                                 "head_dim": 16}),

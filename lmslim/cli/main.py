@@ -160,6 +160,10 @@ def quantize(
                                    help="gptq: quantize columns by decreasing Hessian diagonal."),
     damp: float = typer.Option(0.1, "--damp", help="gptq: Hessian dampening (fraction of mean diagonal)."),
     alpha: float = typer.Option(0.5, "--alpha", help="smoothquant: migration strength."),
+    clip_search: bool = typer.Option(False, "--clip-search", help="rtn/gptq: shrink each group's range where "
+                                     "that lowers its rounding error (grid search)."),
+    true_sequential: bool = typer.Option(False, "--true-sequential", help="gptq: calibrate a block's matrices "
+                                         "in call order on already-quantized inputs."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
     target: list[str] = typer.Option(["*"], "--target", help="Module-name glob to quantize (repeatable; re: for regex)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to keep in full precision (repeatable)."),
@@ -186,11 +190,11 @@ def quantize(
     if method in ("rtn", "gptq"):
         b = 4 if bits is None else bits
         kwargs.update(bits=b, group_size=(None if b == 8 else 128) if group_size is None else (group_size or None),
-                      symmetric=(b == 8) if symmetric is None else symmetric, minmax=minmax)
+                      symmetric=(b == 8) if symmetric is None else symmetric, minmax=minmax, clip_search=clip_search)
     elif bits not in (None, 8) or group_size not in (None, 0):
         raise UserError(f"{method} is int8 per output channel; --bits/--group-size do not apply")
     if method == "gptq":
-        kwargs.update(act_order=act_order, damp=damp)
+        kwargs.update(act_order=act_order, damp=damp, true_sequential=true_sequential)
     if method == "smoothquant":
         kwargs.update(alpha=alpha)
     config = cls(**kwargs)

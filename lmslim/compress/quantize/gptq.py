@@ -34,7 +34,7 @@ import torch
 from lmslim.compress.calibration import InputStats, run_block, sequential, transformer_blocks
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, resolve_kernel, targets_of
 from lmslim.compress.quantize.linear import QuantLinear, linear_weight
-from lmslim.compress.quantize.scheme import Scheme, _params_for, group_params
+from lmslim.compress.quantize.scheme import Scheme, _params_for, group_params, search_params
 from lmslim.core.errors import UserError
 from lmslim.core.progress import track
 from lmslim.core.targeting import set_submodule
@@ -52,6 +52,13 @@ class GPTQConfig(TargetSpec):
         symmetric: symmetric or asymmetric grid.
         damp: λ, the Hessian dampening as a fraction of its mean diagonal.
         act_order: quantize columns in decreasing order of ``diag H`` (helps at 3 bits).
+        true_sequential: inside a block, quantize the matrices in the order the block uses them
+            (q/k/v, then o, then gate/up, then down), each calibrated on inputs that already pass
+            through the quantized matrices before it; off: all of a block's matrices see the
+            block's full-precision activations. Measured on SmolLM2 (w4 g128, 128×512 tokens):
+            perplexity 27.36 on, 27.09 off, and ~1.5× the calibration time, so off by default.
+        clip_search: fit each group's range by the clipping search of ``scheme.search_params``
+            instead of its full [min, max].
         block_size: columns per lazy-update block.
         batch_size: calibration samples per forward pass.
     """
@@ -64,6 +71,8 @@ class GPTQConfig(TargetSpec):
     # damp 0.01 → ppl 35.4, act-order → 31.6, act-order + damp 0.1 → 30.8 (RTN: 33.3).
     damp: float = 0.1
     act_order: bool = True
+    true_sequential: bool = False
+    clip_search: bool = False
     block_size: int = 128
     batch_size: int = 8
     needs_calibration: bool = True
@@ -106,7 +115,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, damp: float = 0.01,
-                  act_order: bool = False, block_size: int = 128
+                  act_order: bool = False, block_size: int = 128, clip_search: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ codes for ``weight`` (out, in) given ``hessian`` (in, in). Returns (codes, scale, offset)."""
     w = weight.detach().float().clone()
@@ -121,7 +130,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     offset = torch.zeros(out, n_groups)
     static = act_order or scheme.group_size is None
     if static:
-        scale, offset = group_params(w, scheme)
+        scale, offset = group_params(w, scheme, clip_search)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
@@ -138,7 +147,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
             col = int(perm[b0 + i])  # original column index
             grp = col // g
             if not static and col % g == 0:
-                scale[:, grp], offset[:, grp] = _params_for(wb[:, i:i + g], scheme)
+                fit = search_params if clip_search else _params_for
+                scale[:, grp], offset[:, grp] = fit(wb[:, i:i + g], scheme)
             q, dq = _qdq(wb[:, i], scale[:, grp], offset[:, grp], scheme.qmax)
             codes[:, b0 + i] = q
             err = (wb[:, i] - dq) / ub[i, i]
@@ -148,6 +158,57 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     unperm = torch.empty_like(codes)
     unperm[:, perm] = codes
     return unperm.to(torch.uint8), scale, offset
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_block_until(block: torch.nn.Module, inp, modules: list[torch.nn.Module]) -> None:
+    """Run ``block`` on ``inp`` only as far as needed for every module in ``modules`` to have run."""
+    pending = set(map(id, modules))
+
+    def hook(mod, _args, _out):
+        pending.discard(id(mod))
+        if not pending:
+            raise _Stop
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        run_block(block, inp)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def input_groups(block: torch.nn.Module, mods: dict[str, torch.nn.Module], inp) -> list[list[str]]:
+    """The block's matrices in call order, grouped by shared input (q/k/v; o; gate/up; down)."""
+    calls: list[tuple[str, int]] = []
+    by_id = {id(m): n for n, m in mods.items()}
+
+    def hook(mod, args):
+        if by_id[id(mod)] not in {n for n, _ in calls}:
+            calls.append((by_id[id(mod)], args[0].data_ptr()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in mods.values()]
+    try:
+        run_block(block, inp)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for name, ptr in calls:
+        if groups and ptr == last_ptr:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_ptr = ptr
+    missed = [n for n in mods if n not in {c for c, _ in calls}]
+    return groups + ([missed] if missed else [])
 
 
 @QUANTIZERS.register("gptq", GPTQConfig)
@@ -160,6 +221,11 @@ def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
     errors: dict[str, float] = {}
 
     def compress_block(_path, block, mods, inputs):
+        groups = input_groups(block, mods, inputs[0]) if config.true_sequential else [list(mods)]
+        for group in groups:
+            quantize_group(block, {n: mods[n] for n in group}, inputs)
+
+    def quantize_group(block, mods, inputs):
         widths = {n: linear_weight(m).shape[1] for n, m in mods.items()}
         hessians = {n: torch.zeros(k, k) for n, k in widths.items()}
         counts = {n: 0 for n in mods}
@@ -171,13 +237,14 @@ def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
         stats = InputStats(mods, update)
         try:
             for inp in inputs:
-                run_block(block, inp)
+                run_block_until(block, inp, list(mods.values()))
         finally:
             stats.remove()
         for name, mod in mods.items():
             h = hessians[name] * (2 / max(counts[name], 1))
             w = linear_weight(mod)
-            codes, scale, offset = gptq_quantize(w, h, scheme, config.damp, config.act_order, config.block_size)
+            codes, scale, offset = gptq_quantize(w, h, scheme, config.damp, config.act_order, config.block_size,
+                                                 config.clip_search)
             bias = mod.bias.data if getattr(mod, "bias", None) is not None else None
             q = QuantLinear.from_codes(codes, scale, offset, scheme, bias, kernel)
             delta = w - q.dequantized_weight()
@@ -194,7 +261,7 @@ def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
         from lmslim.compress.quantize.rtn import replace_with_quant
 
         for name in leftovers:
-            replace_with_quant(model, name, targets[name], scheme, config.kernel)
+            replace_with_quant(model, name, targets[name], scheme, config.kernel, clip_search=config.clip_search)
         log.info("GPTQ: %d module(s) outside the transformer blocks used RTN: %s", len(leftovers), leftovers)
     return {"calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
             "relative_output_error_mean": sum(errors.values()) / max(len(errors), 1),

@@ -33,12 +33,15 @@ class RTNConfig(TargetSpec):
             does not divide the input width leaves a shorter last group (see ``scheme.py``).
         symmetric: grid centred on zero (True) or asymmetric (False).
         minmax: asymmetric grid spanning each group's [min, max] (Q4_1) instead of an integer zero point.
+        clip_search: shrink each group's range where that lowers its squared rounding error
+            (``scheme.search_params``); off: the plain full-range grid.
     """
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
     minmax: bool = False
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         self._check_targets()
@@ -61,10 +64,11 @@ class DynamicInt8Config(TargetSpec):
             raise UserError(f"dynamic int8 runs on an int8 kernel (int8 or fbgemm), not {self.kernel!r}")
 
 
-def replace_with_quant(model, name: str, module, scheme: Scheme, kernel: str, weight=None) -> QuantLinear:
+def replace_with_quant(model, name: str, module, scheme: Scheme, kernel: str, weight=None,
+                       clip_search: bool = False) -> QuantLinear:
     """Swap ``module`` for a QuantLinear holding RTN codes of ``weight`` (default: its own weight)."""
     w = linear_weight(module) if weight is None else weight
-    codes, scale, offset = quantize_weight(w, scheme)
+    codes, scale, offset = quantize_weight(w, scheme, clip_search)
     bias = module.bias.data if getattr(module, "bias", None) is not None else None
     q = QuantLinear.from_codes(codes, scale, offset, scheme, bias, resolve_kernel(kernel))
     set_submodule(model, name, q)
@@ -74,7 +78,7 @@ def replace_with_quant(model, name: str, module, scheme: Scheme, kernel: str, we
 @QUANTIZERS.register("rtn", RTNConfig)
 def _rtn(model, config: RTNConfig, calib=None) -> dict:
     for name, module in targets_of(model, config):
-        replace_with_quant(model, name, module, config.scheme, config.kernel)
+        replace_with_quant(model, name, module, config.scheme, config.kernel, clip_search=config.clip_search)
     return {}
 
 

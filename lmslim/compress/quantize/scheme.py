@@ -70,25 +70,50 @@ class Scheme:
         return in_features if self.group_size is None else self.group_size
 
 
-def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset for each (row, group) of ``w`` (out, in) -> two (out, n_groups) tensors."""
+# Range shrink factors tried by the clipping search (1.0 = the full range).
+CLIP_GRID = tuple(1 - 0.025 * i for i in range(13))  # 1.0 … 0.7
+
+
+def group_params(w: torch.Tensor, scheme: Scheme, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset for each (row, group) of ``w`` (out, in) -> two (out, n_groups) tensors.
+
+    With ``clip_search``, each (row, group) range is shrunk by the factor in ``CLIP_GRID`` that gives
+    the smallest squared rounding error (outliers are clipped when that lowers the total error).
+    """
     out, k = w.shape
     g = scheme.group(k)
     scales, zeros = [], []
+    fit = search_params if clip_search else _params_for
     for start in range(0, k, g):
-        s, z = _params_for(w[:, start:start + g], scheme)
+        s, z = fit(w[:, start:start + g], scheme)
         scales.append(s)
         zeros.append(z)
     return torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
-def _params_for(block: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+def search_params(block: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the clipped grid (see ``CLIP_GRID``) with the least squared rounding error."""
+    block = block.float()
+    best_err = torch.full((block.shape[0],), float("inf"))
+    best_s = best_o = None
+    for shrink in CLIP_GRID:
+        s, o = _params_for(block, scheme, shrink)
+        q = torch.clamp(torch.round((block - o[:, None]) / s[:, None]), 0, scheme.qmax)
+        err = ((q * s[:, None] + o[:, None] - block) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = s if best_s is None else torch.where(better, s, best_s)
+        best_o = o if best_o is None else torch.where(better, o, best_o)
+    return best_s, best_o
+
+
+def _params_for(block: torch.Tensor, scheme: Scheme, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and offset for each row of a (out, cols) block, rounded to fp16 (their stored type)."""
     block = block.float()
     if scheme.symmetric:
-        scale = block.abs().amax(1) / (scheme.half - 1)
+        scale = block.abs().amax(1) * shrink / (scheme.half - 1)
     else:
-        lo, hi = block.amin(1), block.amax(1)
+        lo, hi = block.amin(1) * shrink, block.amax(1) * shrink
         if not scheme.minmax:
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / scheme.qmax
@@ -110,9 +135,10 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, sc
     return torch.clamp(torch.round((w.float() - o) / s), 0, scheme.qmax).to(torch.uint8)
 
 
-def quantize_weight(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, scheme: Scheme, clip_search: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: (codes uint8 (out, in), scale (out, G), offset (out, G)), params fp16-exact."""
-    scale, offset = group_params(w, scheme)
+    scale, offset = group_params(w, scheme, clip_search)
     return quantize_with(w, scale, offset, scheme), scale, offset
 
 

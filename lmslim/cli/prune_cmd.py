@@ -11,7 +11,7 @@ from lmslim.cli.common import TrustOpt, ThreadsOpt, app, out
 from lmslim.core.errors import UserError
 
 _UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
-_STRUCTURED = ("heads", "neurons", "layers")
+_STRUCTURED = ("heads", "neurons", "layers", "width")
 
 
 def _overrides(items: list[str]) -> tuple[tuple[str, float], ...]:
@@ -34,6 +34,8 @@ def build_config(method: str, sparsity: Optional[float], n_m: Optional[str], dro
     from lmslim.compress.prune import PRUNERS
 
     cls = PRUNERS.config_class(method)
+    if scope != "layer" and method in ("wanda", "sparsegpt", "layers"):
+        raise UserError(f"--scope global applies to magnitude, heads and neurons, not {method}")
     if method in _UNSTRUCTURED:
         if drop_layers is not None or drop_heads is not None:
             raise UserError(f"--drop-layers/--drop-heads do not apply to {method}; use --sparsity or --n-m")
@@ -62,16 +64,20 @@ def build_config(method: str, sparsity: Optional[float], n_m: Optional[str], dro
                    scope="layer" if drop_heads is not None else scope)
     if drop_heads is not None:
         raise UserError("--drop-heads applies to --method heads only")
+    if method == "width":
+        if scope != "layer":
+            raise UserError("--scope global does not apply to width (one hidden size for the whole model)")
+        return cls(fraction=0.25 if sparsity is None else sparsity)
     return cls(fraction=0.5 if sparsity is None else sparsity, scope=scope)
 
 
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="Model spec (full precision)."),
-    method: str = typer.Option(..., "--method", help="magnitude | wanda | sparsegpt | heads | neurons | layers"),
+    method: str = typer.Option(..., "--method", help="magnitude | wanda | sparsegpt | heads | neurons | layers | width"),
     out_dir: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction removed, in [0, 1): weights "
-                                             "(default 0.5), heads (0.25), neurons (0.5) or layers."),
+                                             "(default 0.5), heads (0.25), neurons (0.5), layers or hidden channels (width, 0.25)."),
     n_m: Optional[str] = typer.Option(None, "--n-m", help="N:M pattern for magnitude/wanda/sparsegpt, e.g. 2:4."),
     drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="layers: number of layers to remove."),
     drop_heads: Optional[int] = typer.Option(None, "--drop-heads", help="heads: query heads removed per layer."),

@@ -33,6 +33,8 @@ def calib(tmp_path):
     (["--method", "neurons", "--n-m", "2:4"], "do not apply"),
     (["--method", "wanda", "--calib", "SHORT", "--seq-len", "64"], "calibration data too short"),
     (["--method", "obd"], "unknown pruning method 'obd'"),
+    (["--method", "wanda", "--scope", "global"], "not wanda"),
+    (["--method", "width", "--sparsity", "0.001"], "rounds to none"),
     (["--method", "magnitude", "--layer-sparsity", "nonsense"], "PATTERN=FRACTION"),
     (["--method", "magnitude", "--ignore", "*"], "no eligible layers"),
 ])
@@ -91,3 +93,7 @@ def test_prune_structured_chain_cli(calib, capsys):
     assert code == 0, err
     code, _, err = run(capsys, "eval", str(calib / "h"), "--data", str(calib / "calib.txt"), "--max-tokens", "100")
     assert code == 0, err
+    code, _, err = run(capsys, "prune", str(b), "--method", "width", "--sparsity", "0.25", "--out", str(calib / "w"),
+                       *common)
+    assert code == 0, err
+    assert AutoModelForCausalLM.from_pretrained(calib / "w").config.hidden_size == 48

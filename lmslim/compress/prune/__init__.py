@@ -1,7 +1,8 @@
 """Pruning: ``prune_(model, Config(...), calib)``.
 
 Unstructured / N:M (zeros inside dense matrices): magnitude, Wanda, SparseGPT.
-Structured (matrices physically shrink): attention heads, FFN neurons, whole decoder layers.
+Structured (matrices physically shrink): attention heads, FFN neurons, whole decoder layers,
+embedding width (hidden size).
 Saving: ``save_pruned`` / ``load_pruned`` (bitmask-compressed sparse weights, non-uniform shapes).
 """
 
@@ -10,7 +11,8 @@ from lmslim.compress.prune.magnitude import MagnitudeConfig
 from lmslim.compress.prune.sparsegpt import SparseGPTConfig
 from lmslim.compress.prune.structured import HeadsConfig, LayersConfig, NeuronsConfig
 from lmslim.compress.prune.wanda import WandaConfig
+from lmslim.compress.prune.width import WidthConfig
 from lmslim.compress.prune.sparse_format import load_pruned, save_pruned
 
 __all__ = ["PRUNERS", "prune_", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "HeadsConfig", "NeuronsConfig",
-           "LayersConfig", "save_pruned", "load_pruned"]
+           "LayersConfig", "WidthConfig", "save_pruned", "load_pruned"]

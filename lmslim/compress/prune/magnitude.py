@@ -50,10 +50,10 @@ def _magnitude(model, config: MagnitudeConfig, _calib) -> dict:
         if k:
             threshold = flat.kthvalue(k).values
             for w in weights:
-                w.mul_(w.abs() > threshold)
+                w.masked_fill_(w.abs() <= threshold, 0)  # +0.0: mul_ would leave -0.0, which is stored
     else:
         for name, mod in targets.items():
             w = linear_weight(mod)
-            w.mul_(keep_mask(w.abs(), config.sparsity_for(name), config.n_m))
+            w.masked_fill_(~keep_mask(w.abs(), config.sparsity_for(name), config.n_m), 0)
     total, per = zero_fraction(model, list(targets))
     return {"sparsity": total, "modules": len(targets), "module_sparsity": per}

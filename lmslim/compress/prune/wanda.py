@@ -55,7 +55,7 @@ def prune_outside_blocks(model, config: SparsitySpec, names: list[str], method: 
     """Matrices outside the transformer blocks (an LM head) get magnitude pruning: no block inputs."""
     for name in names:
         w = linear_weight(model.get_submodule(name))
-        w.mul_(keep_mask(w.abs(), config.sparsity_for(name), config.n_m, per_row=True))
+        w.masked_fill_(~keep_mask(w.abs(), config.sparsity_for(name), config.n_m, per_row=True), 0)
     if names:
         log.info("%s: %d module(s) outside the transformer blocks used magnitude scores: %s", method, len(names), names)
 
@@ -79,7 +79,8 @@ def _wanda(model, config: WandaConfig, calib: torch.Tensor) -> dict:
             stats.remove()
         for name, mod in mods.items():
             w = linear_weight(mod)
-            w.mul_(keep_mask(wanda_scores(w, sq[name]), config.sparsity_for(name), config.n_m, per_row=True))
+            keep = keep_mask(wanda_scores(w, sq[name]), config.sparsity_for(name), config.n_m, per_row=True)
+            w.masked_fill_(~keep, 0)  # +0.0 (mul_ would leave -0.0, which the sparse format must store)
             done.add(name)
 
     _, blocks = transformer_blocks(model)

@@ -75,3 +75,17 @@ def test_bench_says_no_speedup_for_sparse_weights(tmp_path):
     save_pruned(model, tok, tmp_path / "dense")
     r = bench(load_model(str(tmp_path / "dense")), BenchConfig(prompt_len=8, gen_len=4, repeats=1, warmup=0))
     assert any("2:4" in n and "no speedup on this device" in n for n in r["notes"])
+
+
+@pytest.mark.parametrize("cfg", [MagnitudeConfig(sparsity=0.5), MagnitudeConfig(sparsity=0.5, scope="global")])
+def test_pruned_zeros_are_positive_zeros_so_they_are_not_stored(tmp_path, cfg):
+    from lmslim.compress.prune import WandaConfig
+    from lmslim.compress.prune.api import linear_weight
+    from lmslim.core.targeting import select_linears
+
+    for c in (cfg, WandaConfig(n_m="2:4")):
+        model, tok = build_tiny("tiny-llama")
+        prune_(model, c, CALIB)
+        for name, mod in select_linears(model):
+            w = linear_weight(mod)
+            assert int((w.contiguous().view(torch.int32) == 0).sum()) == int((w == 0).sum()), name  # no -0.0

@@ -166,3 +166,38 @@ def test_bad_structured_configs(kwargs):
         NeuronsConfig(**kwargs)
     with pytest.raises(UserError):
         LayersConfig()
+
+
+def test_width_pruning_of_dead_channels_is_exact_and_reloads_plainly(tmp_path):
+    from lmslim.compress.prune import WidthConfig
+
+    model, tok = build_tiny("tiny-llama")
+    for m in model.modules():  # the random tiny model's activations are so small that eps would dominate
+        if hasattr(m, "variance_epsilon"):
+            m.variance_epsilon = 1e-12
+    dead = torch.tensor([3, 10, 17, 40, 41, 50, 60, 63])  # 8 of 64 residual channels that nothing writes
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, dead] = 0
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight[dead] = 0
+            block.mlp.down_proj.weight[dead] = 0
+    before = _logits(model)
+    report = prune_(model, WidthConfig(fraction=0.125), CALIB)
+    assert report["hidden_after"] == 56 and model.config.hidden_size == 56
+    # Removing all-zero channels changes nothing once the RMSNorm weights are rescaled by sqrt(H/H').
+    assert torch.allclose(_logits(model), before, atol=1e-4)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    model.config.rms_norm_eps = 1e-12
+    save_pruned(model, tok, tmp_path, compress=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(_logits(plain), _logits(model))
+
+
+def test_width_pruning_refuses_gpt2_and_everything():
+    from lmslim.compress.prune import WidthConfig
+
+    model, _ = build_tiny("tiny-gpt2")
+    with pytest.raises(UserError, match="Llama-style"):
+        prune_(model, WidthConfig(fraction=0.25), CALIB)
+    with pytest.raises(UserError, match="in \\[0, 1\\)"):
+        WidthConfig(fraction=1.0)

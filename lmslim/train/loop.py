@@ -235,6 +235,12 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         ckpt.prune_checkpoints(ckpt_root, config.checkpoint.keep_last)
 
     model.train()
+    # A KV cache is useless while training and costs a copy of every layer's keys/values per forward
+    # (transformers.Trainer turns it off too); off for the run, restored for the saved model.
+    model_cfg = getattr(model, "config", None)
+    use_cache = getattr(model_cfg, "use_cache", None)
+    if use_cache:
+        model_cfg.use_cache = False
     losses: list[float] = []
     last_eval: dict[str, float] = {}
     stopped_early = False
@@ -321,6 +327,8 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                 break
     finally:
         logger.close()
+        if use_cache:
+            model_cfg.use_cache = use_cache
     model.eval()
     if write and save_final:
         best = out / "best"

@@ -214,3 +214,13 @@ def test_metrics_jsonl_and_tensorboard(tmp_path, docs, rt):
     assert result["steps"] == 4
     pytest.importorskip("tensorboard")
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_kv_cache_off_while_training_and_restored(rt, docs):
+    model, tok = build_tiny("tiny-llama")
+    caches = []
+    forward = model.forward
+    model.forward = lambda *a, **k: caches.append(forward(*a, **k)) or caches[-1]
+    train(model, tokenize(docs, tok, "clm", max_length=32), _cfg(max_steps=2), rt)
+    assert [c.past_key_values for c in caches] == [None, None]
+    assert model.config.use_cache is True

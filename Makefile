@@ -23,17 +23,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Main job until the compression pipeline lands: SmolLM2-135M fp32 vs dynamic int8, quality and cost.
+# The main job: the embedded demo (baseline, dynamic int8, GPTQ int4, Wanda 50%, structured prune +
+# KD recovery + int8) and its report. DEMO_FLAGS= (empty) runs the full budgets instead of --quick.
+DEMO_FLAGS ?= --quick
 demo: $(STAMP)
 	$(VENV)/bin/lmslim fetch all
-	$(VENV)/bin/lmslim quantize builtin:smollm2-135m --method dynamic-int8 --out $(DEMO_OUT)/smollm2-int8 --overwrite
-	$(VENV)/bin/lmslim eval builtin:smollm2-135m --data builtin:wiki:test --max-tokens 8192 --json $(DEMO_OUT)/fp32-eval.json
-	$(VENV)/bin/lmslim eval $(DEMO_OUT)/smollm2-int8 --data builtin:wiki:test --max-tokens 8192 --json $(DEMO_OUT)/int8-eval.json
-	$(VENV)/bin/lmslim bench builtin:smollm2-135m --json $(DEMO_OUT)/fp32-bench.json
-	$(VENV)/bin/lmslim bench $(DEMO_OUT)/smollm2-int8 --json $(DEMO_OUT)/int8-bench.json
-	$(VENV)/bin/lmslim compare $(DEMO_OUT)/fp32-eval.json $(DEMO_OUT)/fp32-bench.json \
-	    $(DEMO_OUT)/int8-eval.json $(DEMO_OUT)/int8-bench.json --markdown $(DEMO_OUT)/summary.md
-	@echo "results: $(abspath $(DEMO_OUT))"
+	$(VENV)/bin/lmslim demo $(DEMO_FLAGS) --out $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

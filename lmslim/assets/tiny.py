@@ -16,7 +16,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
     PreTrainedModel, PreTrainedTokenizerFast
 
 from lmslim.core import paths
-from lmslim.core.io import atomic_dir
+from lmslim.core.io import atomic_dir, file_lock
 
 SEED = 0
 
@@ -85,8 +85,11 @@ def tiny_path(name: str) -> Path:
     target = paths.models_dir() / name
     if (target / "config.json").is_file():
         return target
-    model, tok = build_tiny(name)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+    with file_lock(target.parent / f".{name}.lock"):  # the ranks of a torchrun job build it once
+        if (target / "config.json").is_file():
+            return target
+        model, tok = build_tiny(name)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     return target

@@ -271,12 +271,20 @@ _register_commands()
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps user errors to one line + exit 2, and hides tracebacks."""
     logging.basicConfig(level=os.environ.get("LMSLIM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        out.quiet = True  # under torchrun, results are printed once, by rank 0
     try:
         quiet_libraries()
-        app(args=argv, prog_name="lmslim", standalone_mode=False)
+        # The raw command line travels in the click context: --nproc re-runs it in the workers.
+        app(args=argv, prog_name="lmslim", standalone_mode=False,
+            obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+        from lmslim.cli.launch import WorkersFailed
+
+        prefix = f"[rank {rank}] " if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        sys.stderr.write(f"error: {prefix}{e}\n")
+        return e.exit_code if isinstance(e, WorkersFailed) else 2
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
@@ -290,10 +298,24 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if os.environ.get("LMSLIM_DEBUG"):
             raise
+        if "LOCAL_RANK" in os.environ and _lost_peer(e):
+            sys.stderr.write(f"error: [rank {rank}] stopped: another worker of the job exited or cannot be "
+                             "reached\n")
+            return 1
         msg = " ".join(str(e).split())[:300]
         sys.stderr.write(f"internal error: {type(e).__name__}: {msg} (set LMSLIM_DEBUG=1 for the traceback)\n")
         return 1
     return 0
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank died (gloo/nccl connection errors, timeouts)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "gloo/transport"))
 
 
 def run() -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, out
+from lmslim.cli.launch import MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, NprocOpt
 from lmslim.core.errors import UserError
 
 TRAIN_TASKS = ("clm", "seq-cls", "token-cls")
@@ -37,6 +38,7 @@ def check_out_dir(path: Path, resume: bool, overwrite: bool) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model spec: folder, builtin:<name>, .gguf, or config:FILE.json (from scratch)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key=value, e.g. optim.lr=1e-4."),
     data: str = typer.Option(..., "--data", help="Training data spec (file, folder, builtin:wiki:train, ...)."),
@@ -53,8 +55,14 @@ def train(
     text_column: Optional[str] = typer.Option(None, "--text-column"),
     label_column: Optional[str] = typer.Option(None, "--label-column"),
     threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt, trust_remote_code: bool = TrustOpt,
+    nproc: Optional[int] = NprocOpt, nnodes: int = NnodesOpt, node_rank: int = NodeRankOpt,
+    master_addr: str = MasterAddrOpt, master_port: Optional[int] = MasterPortOpt,
 ) -> None:
-    """Train MODEL on --data for --task; writes the final model (lmslim eval accepts it) into --out."""
+    """Train MODEL on --data for --task; writes the final model (lmslim eval accepts it) into --out.
+
+    With --nproc N the same command runs as N data-parallel processes (DDP, or FSDP with
+    distributed.strategy=fsdp); see docs/distributed.md.
+    """
     import shutil
 
     from lmslim.core.runtime import Runtime
@@ -73,15 +81,24 @@ def train(
         items.append(f"max_steps={max_steps}")
     cfg = TrainConfig.from_yaml(config, items)
     check_out_dir(out_dir, resume, overwrite)
-    rt = Runtime.create(device=device, threads=threads)
+    if nproc is not None:
+        from lmslim.cli.launch import launch
+
+        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
+        return
+    from lmslim.train import distributed
+
+    # Under torchrun: join the process group now, before any rank writes into --out.
+    rt = distributed.setup(Runtime.create(device=device, threads=threads), cfg.distributed.timeout_s)
     train_data = load_data(data, task=task, text_column=text_column, label_column=label_column)
     valid = load_data(eval_data, task=task, text_column=text_column, label_column=label_column) if eval_data else None
     lm = load_for_training(model, task, train_data, rt, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     labels = [str(v) for _, v in sorted(lm.model.config.id2label.items())] if task != "clm" else None
     ts = tokenize(train_data, lm.tokenizer, task, cfg.batch.max_length, cfg.batch.pack, labels)
     vs = tokenize(valid, lm.tokenizer, task, cfg.batch.max_length, cfg.batch.pack, labels) if valid else None
-    if overwrite and out_dir.exists():
+    if overwrite and out_dir.exists() and rt.is_main:
         shutil.rmtree(out_dir)
+    distributed.barrier(rt)
     result = run_train(lm.model, ts, cfg, rt, eval_data=vs, out_dir=out_dir, resume=resume)
     out.print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}, "
               f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.1f} s")

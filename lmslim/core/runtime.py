@@ -69,6 +69,8 @@ class Runtime:
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if dev.type == "cuda" and dev.index is None and world > 1:
+            dev = torch.device("cuda", local_rank)  # one GPU per process of a torchrun job
         rt = cls(device=dev, dtype=_DTYPES[dtype], threads=torch.get_num_threads(), rank=rank, world_size=world,
                  local_rank=local_rank)
         if dev.type == "cpu" and rt.dtype in (torch.bfloat16, torch.float16):
@@ -126,3 +128,8 @@ class Runtime:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def backend(self) -> str:
+        """The torch.distributed backend for this device: nccl between GPUs, gloo between CPU processes."""
+        return "nccl" if self.device.type == "cuda" else "gloo"

@@ -104,6 +104,48 @@ def save_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Paramete
     return folder
 
 
+def save_sharded_checkpoint(folder: Path, runtime: Any, write_shards: Any, trainer_state: dict[str, Any],
+                            meta: dict[str, Any]) -> Path:
+    """Atomic sharded checkpoint (FSDP): every rank writes its shards, rank 0 the rest, then renames.
+
+    Collective: every rank calls it. ``write_shards(tmp)`` writes this rank's shards into the shared
+    temporary folder (``torch.distributed.checkpoint``); rank 0 adds ``trainer_state.pt`` and
+    ``meta.json``, fsyncs every file and renames the folder into place.
+    """
+    from lmslim.train.distributed import barrier
+
+    tmp = folder.parent / f".{folder.name}.partial"  # the same name on every rank (they share the folder)
+    if runtime.is_main:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(runtime)
+    write_shards(tmp)
+    barrier(runtime)
+    if runtime.is_main:
+        try:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            for f in tmp.iterdir():
+                _fsync(f)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier(runtime)
+    return folder
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of a checkpoint (tensors and plain values only: ``weights_only`` loading)."""
+    try:
+        return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"checkpoint {folder} cannot be loaded ({str(e).splitlines()[0][:200]}); start a new run "
+                        "with --overwrite") from e
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete step checkpoints under ``root`` (oldest first)."""
     if not root.is_dir():

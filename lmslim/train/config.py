@@ -124,8 +124,12 @@ class BatchConfig:
     """clm: pack short documents together into rows of up to max_length tokens."""
     shuffle: bool = True
     drop_last: bool = False
+    num_workers: int = 0
+    """Background processes that collate batches (0 = in the training process). The batch plan is fixed
+    before the workers see it, so the batches and their order do not depend on this value."""
 
     def __post_init__(self) -> None:
+        _need(self.num_workers >= 0, f"batch.num_workers must be >= 0, got {self.num_workers}")
         _need(self.batch_size >= 1, f"batch.batch_size must be >= 1, got {self.batch_size}")
         _need(self.token_budget >= 0, f"batch.token_budget must be >= 0 (0 = off), got {self.token_budget}")
         _need(self.grad_accum >= 1, f"batch.grad_accum must be >= 1, got {self.grad_accum}")
@@ -197,8 +201,44 @@ class LogConfig:
         _need(self.every_steps >= 1, f"log.every_steps must be >= 1, got {self.every_steps}")
 
 
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a ``torchrun`` / ``--nproc`` job train together (ignored in one process)."""
+
+    strategy: str = "ddp"
+    """ddp (every rank holds the whole model, gradients all-reduced) | fsdp (FSDP2 ``fully_shard``: parameters,
+    gradients and optimizer state sharded across ranks, per decoder layer)"""
+    comm_hook: str = "none"
+    """ddp only: gradient compression before the all-reduce: none | fp16 | bf16 | powersgd"""
+    powersgd_rank: int = 1
+    """powersgd: rank r of the low-rank approximation (an n x m gradient is sent as (n + m) x r numbers)."""
+    powersgd_start_step: int = 10
+    """powersgd: plain all-reduce for the first N steps (PowerSGD's warm-up; must be >= 2)."""
+    bucket_mb: int = 25
+    """ddp: gradient bucket size in MB (all-reduce overlaps backward one bucket at a time)."""
+    find_unused_parameters: bool = False
+    """ddp: allow parameters that get no gradient in some steps (slower; needed e.g. for an unused pooler)."""
+    timeout_s: int = 600
+    """A collective that waits longer than this fails instead of hanging (e.g. when a rank died)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.strategy, ("ddp", "fsdp"), "distributed.strategy")
+        _choice(self.comm_hook, COMM_HOOKS, "distributed.comm_hook")
+        _need(self.comm_hook == "none" or self.strategy == "ddp",
+              "distributed.comm_hook needs distributed.strategy=ddp (FSDP reduce-scatters its own shards)")
+        _need(self.powersgd_rank >= 1, f"distributed.powersgd_rank must be >= 1, got {self.powersgd_rank}")
+        _need(self.powersgd_start_step >= 2,
+              f"distributed.powersgd_start_step must be >= 2, got {self.powersgd_start_step}")
+        _need(self.bucket_mb >= 1, f"distributed.bucket_mb must be >= 1, got {self.bucket_mb}")
+        _need(self.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {self.timeout_s}")
+
+
 # Sections a resumed run may change: they do not alter the optimisation trajectory up to the checkpoint.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "log", "checkpoint", "eval", "early_stop")
+RESUMABLE_CHANGES = ("max_steps", "epochs", "log", "checkpoint", "eval", "early_stop", "batch.num_workers",
+                     "distributed.timeout_s")
 
 
 @dataclass(frozen=True)
@@ -218,6 +258,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         _need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = use epochs), got {self.max_steps}")
@@ -405,4 +446,4 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
 
 
 __all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "PrecisionConfig", "BatchConfig", "CheckpointConfig",
-           "EvalConfig", "EarlyStopConfig", "LogConfig", "RESUMABLE_CHANGES", "all_keys"]
+           "EvalConfig", "EarlyStopConfig", "LogConfig", "DistributedConfig", "RESUMABLE_CHANGES", "all_keys"]

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import torch.utils.data
 
 from lmslim.core.errors import UserError
 from lmslim.data.spec import Data
@@ -236,9 +237,41 @@ class Batcher:
         batches = batches[:len(batches) - len(batches) % self.world]
         return batches[self.rank::self.world]
 
+    def batches(self, plan: list[list[int]], num_workers: int = 0) -> Iterator[Batch]:
+        """Collated batches of ``plan`` in order; ``num_workers`` > 0 collates them in background processes.
+
+        The plan is fixed before any worker starts and a DataLoader returns items in index order, so
+        the batches are identical for every ``num_workers`` (deterministic parallel loading).
+        """
+        if num_workers == 0:
+            yield from (self.collate(ids) for ids in plan)
+            return
+        from torch.utils.data import DataLoader
+
+        # batch_size=None: each item is already a batch; the identity collate_fn keeps Batch.units/tokens.
+        yield from DataLoader(_PlanItems(self, plan), batch_size=None, shuffle=False, num_workers=num_workers,
+                              collate_fn=_identity)
+
     def collate(self, indices: list[int]) -> Batch:
         return collate([self.data.examples[i] for i in indices], self.data.task, self.data.pad_id,
                        self.cfg.max_length if self.cfg.padding == "max_length" else None)
+
+
+class _PlanItems(torch.utils.data.Dataset):
+    """Item i = the collated i-th micro-batch of a fixed plan (what DataLoader workers compute)."""
+
+    def __init__(self, batcher: Batcher, plan: list[list[int]]) -> None:
+        self.batcher, self.plan = batcher, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.batcher.collate(self.plan[i])
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 def collate(examples: list[dict[str, Any]], task: str, pad_id: int, pad_to: int | None = None) -> Batch:

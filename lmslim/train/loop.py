@@ -42,6 +42,7 @@ from torch import nn
 from lmslim.core.errors import UserError
 from lmslim.core.runtime import Runtime
 from lmslim.train import checkpoint as ckpt
+from lmslim.train import distributed as dist_
 from lmslim.train.config import RESUMABLE_CHANGES, TrainConfig
 from lmslim.train.data import Batch, Batcher, TokenizedSet
 from lmslim.train.metrics import MetricsLogger
@@ -111,29 +112,35 @@ def accumulate(model: nn.Module, micro: Sequence[Batch], objective: Objective, r
 
     Each micro-batch's mean loss is weighted by ``units / step_units`` so the summed gradient is that
     of the mean over all the step's loss terms (exact for variable-length micro-batches).
+
+    Under DDP/FSDP, ``model`` is the wrapped module and ``step_units`` the units of every rank's
+    micro-batches together: each rank back-propagates its share of the global mean times the world size,
+    because DDP and FSDP average gradients over ranks. Only the last micro-batch communicates
+    (``no_sync`` before it). The returned loss is this rank's share (sum it over ranks for the mean).
     """
     step_units = step_units or sum(b.units for b in micro)
+    world = runtime.world_size if runtime.is_distributed else 1
     total = torch.zeros((), device=runtime.device)
     logs: dict[str, float] = {}
-    for b in micro:
+    for i, b in enumerate(micro):
         b = b.to(runtime.device)
-        with runtime.autocast():
-            loss, extra = objective(model, b)
-        weighted = loss.float() * (b.units / step_units)
-        scaler.scale(weighted).backward()
+        with dist_.sync_gradients(model, sync=i == len(micro) - 1):
+            with runtime.autocast():
+                loss, extra = objective(model, b)
+            weighted = loss.float() * (b.units / step_units)
+            scaler.scale(weighted * world if world > 1 else weighted).backward()
         total += weighted.detach()
         for k, v in extra.items():
             logs[k] = logs.get(k, 0.0) + float(v) * b.units / step_units
     return total, logs
 
 
-def _stream(batcher: Batcher, epoch: int, index: int) -> Iterator[tuple[int, int, list[int]]]:
-    """Micro-batches from (epoch, index) on, as (epoch, next index, example ids); crosses epochs."""
+def _stream(batcher: Batcher, epoch: int, index: int, num_workers: int = 0) -> Iterator[tuple[int, int, Batch]]:
+    """Micro-batches from (epoch, index) on, as (epoch, next index, batch); crosses epochs."""
     while True:
         plan = batcher.epoch(epoch)
-        while index < len(plan):
-            yield epoch, index + 1, plan[index]
-            index += 1
+        for i, batch in enumerate(batcher.batches(plan[index:], num_workers), start=index):
+            yield epoch, i + 1, batch
         epoch, index = epoch + 1, 0
 
 
@@ -175,7 +182,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     """
     from lmslim.train.tasks import evaluate, metric_names
 
-    rt = runtime.with_precision(config.precision.mode)
+    rt = dist_.setup(runtime.with_precision(config.precision.mode), config.distributed.timeout_s)
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise UserError("resume needs the output folder of the run to continue")
@@ -188,6 +195,19 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     if config.precision.activation_checkpointing:
         enable_activation_checkpointing(model)
     extras = trainable_extras(objective, extra_modules)
+    model_fp = ckpt.fingerprint(model, extras)  # before wrapping: plain names and full shapes
+    sharded = rt.is_distributed and config.distributed.strategy == "fsdp"
+    if sharded and extras:
+        raise UserError("distributed.strategy=fsdp cannot train parameters outside the model yet (here: "
+                        f"{', '.join(sorted(extras)[:3])}); use distributed.strategy=ddp")
+    if sharded:
+        from lmslim.compress.calibration import transformer_blocks
+
+        blocks = transformer_blocks(model)[1]
+    else:
+        blocks = []
+    # ``model`` stays the plain module (saving, evaluation, names); ``wrapped`` is what forward runs on.
+    wrapped = dist_.wrap(model, rt, config.distributed, blocks, seed=config.seed)
     if eval_data is not None and evaluator is None:
         names = metric_names(eval_data.task)
         if config.early_stop.metric not in names:
@@ -201,7 +221,6 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     steps = total_steps(config, batcher)
     scheduler = build_scheduler(optimizer, config.schedule, steps)
     scaler = rt.grad_scaler()
-    model_fp = ckpt.fingerprint(model, extras)
     ckpt_root = out / "checkpoints" if out is not None else None
 
     # Seed everything the step may draw from (dropout, objectives); the data order has its own RNG.
@@ -216,6 +235,10 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     if resume:
         state = _resume(ckpt_root, model, extras, optimizer, scheduler, scaler, rt, config, model_fp, train_data)
     write = rt.is_main and out is not None
+    if rt.is_distributed and rt.is_main:
+        log.info("training on %d processes (%s, %s, comm hook %s): ~%.1f MB sent per rank per step",
+                 rt.world_size, rt.backend, config.distributed.strategy, config.distributed.comm_hook,
+                 dist_.comm_bytes_per_step(model.parameters(), config.distributed, rt.world_size, 0) / 1e6)
     if write:
         from lmslim.core.io import atomic_write_json
 
@@ -225,14 +248,26 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                            config.log.progress)
 
     def save(kind: str) -> None:
-        if not write:
+        """Write a checkpoint; under torchrun every rank calls this (RNG states are gathered, FSDP shards)."""
+        if out is None:
             return
-        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "loop": dict(state)}
+        rngs = dist_.all_gather_object(ckpt.rng_state(), rt)  # dropout etc. differ per rank
+        trainer_state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0],
+                         "loop": dict(state)}
+        if rt.is_distributed:
+            trainer_state["rng_ranks"] = rngs
         meta = {"step": state["step"], "fingerprint": model_fp, "task": train_data.task,
-                "labels": train_data.label_names, "config": config.to_dict(), "kind": kind}
-        ckpt.save_checkpoint(ckpt_root / f"step-{state['step']:07d}", model, extras, trainer_state, meta)
-        ckpt.prune_checkpoints(ckpt_root, config.checkpoint.keep_last)
+                "labels": train_data.label_names, "config": config.to_dict(), "kind": kind,
+                **dist_.describe(rt, config.distributed)}
+        folder = ckpt_root / f"step-{state['step']:07d}"
+        if sharded:
+            ckpt.save_sharded_checkpoint(folder, rt, lambda tmp: dist_.save_sharded(tmp, model, optimizer),
+                                         trainer_state, meta)
+        elif write:
+            ckpt.save_checkpoint(folder, model, extras, {"optimizer": optimizer.state_dict(), **trainer_state}, meta)
+        if write:
+            ckpt.prune_checkpoints(ckpt_root, config.checkpoint.keep_last)
+        dist_.barrier(rt)
 
     model.train()
     # A KV cache is useless while training and costs a copy of every layer's keys/values per forward
@@ -248,24 +283,34 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     t_start = time.perf_counter()
     train_time = 0.0
     run_tokens = 0  # tokens of this process's run (a resumed run's tokens_seen includes earlier ones)
-    stream = _stream(batcher, state["epoch"], state["index"])
+    stream = _stream(batcher, state["epoch"], state["index"], config.batch.num_workers)
     try:
         while state["step"] < steps:
             t0 = time.perf_counter()
             micro = []
             for _ in range(config.batch.grad_accum):
-                state["epoch"], state["index"], ids = next(stream)
-                micro.append(batcher.collate(ids))
+                state["epoch"], state["index"], batch = next(stream)
+                micro.append(batch)
             lr = scheduler.get_last_lr()[0]
-            loss, logs = accumulate(model, micro, objective, rt, scaler)
-            loss_value = float(loss)
+            n_tokens = sum(b.tokens for b in micro)
+            step_units = None
+            if rt.is_distributed:  # normalise by the loss terms of all ranks, not each rank's own
+                step_units = int(dist_.all_reduce_sum([sum(b.units for b in micro)], rt)[0])
+            loss, logs = accumulate(wrapped, micro, objective, rt, scaler, step_units)
+            if rt.is_distributed:
+                dist_.average_gradients(list(extras.values()), rt)  # DDP/FSDP do not see these
+                keys = sorted(logs)
+                summed = dist_.all_reduce_sum([float(loss), n_tokens, *(logs[k] for k in keys)], rt)
+                loss_value, n_tokens, logs = summed[0], int(summed[1]), dict(zip(keys, summed[2:]))
+            else:
+                loss_value = float(loss)
             if not math.isfinite(loss_value):
                 last = ckpt.list_checkpoints(ckpt_root)[-1:] if ckpt_root is not None else []
                 where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
                 raise TrainingDiverged(f"training loss became {loss_value} at step {state['step'] + 1}; stopped "
                                        f"({where}); lower optim.lr, add warmup or use precision fp32")
             scaler.unscale_(optimizer)  # clip and measure the true gradient, not the scaled one
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
+            grad_norm = dist_.local(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf")))
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -275,7 +320,6 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
             dt = time.perf_counter() - t0
             train_time += dt
             state["step"] += 1
-            n_tokens = sum(b.tokens for b in micro)
             state["tokens_seen"] += n_tokens
             run_tokens += n_tokens
             losses.append(loss_value)
@@ -297,11 +341,13 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                 eval_metrics = _run_eval(evaluator, model)
                 last_eval = eval_metrics
                 improved = _track_best(state, eval_metrics, config)
-                if improved and config.checkpoint.keep_best and write:
-                    _save_model(model, train_data.tokenizer, out / "best")
+                if improved and config.checkpoint.keep_best and out is not None:
+                    _save_model(model, train_data.tokenizer, out / "best", rt)
                 if config.early_stop.patience and state["bad_evals"] >= config.early_stop.patience:
                     stopped_early = True
             stop = any([cb(step, record) is True for cb in callbacks])  # every callback runs
+            if rt.is_distributed and callbacks:  # one rank's stop stops all (they must stay in step)
+                stop = dist_.all_reduce_sum([float(stop)], rt)[0] > 0
             if step % config.log.every_steps == 0 or eval_metrics or is_last or stop or stopped_early:
                 w = window["steps"]
                 logged = {"step": step, "epoch": state["epoch"], "loss": window["loss"] / w, "lr": lr,
@@ -312,6 +358,9 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                           **{k if k.startswith("eval") else f"eval_{k}": v for k, v in eval_metrics.items()}}
                 if "loss_scale" in record:
                     logged["loss_scale"] = record["loss_scale"]
+                if rt.is_distributed:
+                    logged["comm_mb_per_step"] = dist_.comm_bytes_per_step(
+                        model.parameters(), config.distributed, rt.world_size, step) / 1e6
                 logger.step(step, logged)
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "logs": {}}
             else:
@@ -330,13 +379,15 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         if use_cache:
             model_cfg.use_cache = use_cache
     model.eval()
-    if write and save_final:
-        best = out / "best"
-        if best.is_dir() and state["best_step"] is not None:
-            _move_model_files(best, out)  # the final model is the best evaluated one
-        else:
-            _save_model(model, train_data.tokenizer, out / ".final")
-            _move_model_files(out / ".final", out)
+    if out is not None and save_final:
+        # The final model is the best evaluated one when there is one (rank 0 saved it at that step).
+        use_best = config.checkpoint.keep_best and state["best_step"] is not None
+        if not use_best:
+            _save_model(model, train_data.tokenizer, out / ".final", rt)
+        if write:
+            best = out / "best"
+            _move_model_files(best if use_best and best.is_dir() else out / ".final", out)
+        dist_.barrier(rt)
     elapsed = time.perf_counter() - t_start
     result = TrainResult(steps=state["step"], losses=losses, final_loss=losses[-1] if losses else float("nan"),
                          tokens_seen=state["tokens_seen"], elapsed_s=elapsed,
@@ -348,7 +399,8 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
 
         summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
         atomic_write_json(out / "train_result.json", {**summary, "precision": rt.precision,
-                                                       "early_stop_metric": config.early_stop.metric})
+                                                       "early_stop_metric": config.early_stop.metric,
+                                                       "distributed": dist_.describe(rt, config.distributed)})
     return result
 
 
@@ -376,14 +428,21 @@ def _track_best(state: dict[str, Any], metrics: dict[str, float], config: TrainC
     return better
 
 
-def _save_model(model: nn.Module, tokenizer: Any, folder: Path) -> None:
-    """``save_pretrained`` (+ tokenizer) into ``folder`` atomically."""
+def _save_model(model: nn.Module, tokenizer: Any, folder: Path, rt: Runtime) -> None:
+    """``save_pretrained`` (+ tokenizer) into ``folder`` atomically, by rank 0.
+
+    Every rank must call it: an FSDP model's full weights are gathered from all shards first.
+    """
     from lmslim.core.io import atomic_dir
 
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    state_dict = dist_.full_state_dict(model, rt)
+    if rt.is_main:
+        with atomic_dir(folder) as tmp:
+            kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    dist_.barrier(rt)
 
 
 def _move_model_files(src: Path, dst: Path) -> None:
@@ -416,15 +475,24 @@ def _resume(root: Path, model: nn.Module, extras: dict[str, nn.Parameter], optim
         raise UserError(f"checkpoint {folder} was trained with labels {meta.get('labels')}, the data now gives "
                         f"{data.label_names}; resume with the same data")
     old = TrainConfig.from_dict(meta.get("config", {}))
-    changed = [k for k in config.changed_keys(old) if k.split(".")[0] not in RESUMABLE_CHANGES]
+    changed = [k for k in config.changed_keys(old)
+               if k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES]
     if changed:
         raise UserError(f"checkpoint {folder} was made with a different training config ({', '.join(changed)}); "
                         "resume with the same settings or start a new run with --overwrite")
-    state, _ = ckpt.load_checkpoint(folder, model, extras, rt.device)
-    optimizer.load_state_dict(state["optimizer"])
+    saved_world = int(meta.get("world_size") or 1)
+    if saved_world != rt.world_size:
+        raise UserError(f"checkpoint {folder} was written by {saved_world} process(es) and its data position and "
+                        f"random states are per process; resume with --nproc {saved_world} (now {rt.world_size})")
+    if meta.get("strategy") == "fsdp":
+        state = ckpt.load_trainer_state(folder)
+        dist_.load_sharded(folder, model, optimizer)
+    else:
+        state, _ = ckpt.load_checkpoint(folder, model, extras, rt.device)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"])
+    ckpt.set_rng_state(state["rng_ranks"][rt.rank] if "rng_ranks" in state else state["rng"])
     if rt.is_main:
         log.info("resumed from %s (step %d)", folder, state["loop"]["step"])
     return dict(state["loop"])

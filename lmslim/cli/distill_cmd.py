@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, out
+from lmslim.cli.launch import MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, NprocOpt
 from lmslim.core.errors import UserError
 
 
@@ -72,6 +73,7 @@ def share(
 
 @app.command()
 def distill(
+    ctx: typer.Context,
     overrides: Optional[list[str]] = typer.Argument(None, help="Training config overrides key=value "
                                                     "(e.g. optim.lr=1e-4 batch.grad_accum=2)."),
     teacher: str = typer.Option(..., "--teacher", help="Teacher model spec (frozen; never modified)."),
@@ -112,6 +114,8 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty --out and start again."),
     threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt, trust_remote_code: bool = TrustOpt,
+    nproc: Optional[int] = NprocOpt, nnodes: int = NnodesOpt, node_rank: int = NodeRankOpt,
+    master_addr: str = MasterAddrOpt, master_port: Optional[int] = MasterPortOpt,
 ) -> None:
     """Distil a teacher into a smaller student (logit KD, hidden states, attention maps, embeddings).
 
@@ -147,6 +151,25 @@ def distill(
     if max_steps == 0 and resume:
         raise UserError("--max-steps 0 saves the untrained student; there is nothing to --resume")
     check_out_dir(out_dir, resume, overwrite)
+    if nproc is not None:
+        if max_steps == 0:
+            raise UserError("--max-steps 0 only saves the initialised student; drop --nproc")
+        from lmslim.cli.launch import launch
+
+        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
+        return
+    from lmslim.core.runtime import Runtime
+    from lmslim.train import distributed
+
+    # Under torchrun: join the process group before any rank writes; rank 0 alone clears --out.
+    rt = distributed.setup(Runtime.create(device=device, threads=threads), tcfg.distributed.timeout_s)
+    if rt.is_distributed and overwrite:
+        if rt.is_main and out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        distributed.barrier(rt)
+        overwrite = False
     summary = run_distill(
         teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
         anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,

@@ -216,3 +216,54 @@ def test_comm_bytes_model():
     assert comm_bytes_per_step(params, psgd, 2, step=5) == 2 * 0.5 * ((256 + 128) * 4 + 256) * 4
     assert comm_bytes_per_step(params, DistributedConfig(strategy="fsdp"), 2) == 1.5 * plain
     assert comm_bytes_per_step(params, DistributedConfig(), 1) == 0
+
+
+def test_distill_with_projection_two_ranks_match_one_process(text, tmp_path):
+    """The hidden-state projection lives outside the model (not in DDP): its gradients are averaged by hand."""
+    (tmp_path / "student.yaml").write_text("num_hidden_layers: 1\nhidden_size: 32\nintermediate_size: 64\n"
+                                           "head_dim: 8\n")
+    runs = {}
+    for name, batch, nproc in (("one", 4, None), ("two", 2, 2)):
+        args = ["distill", "--teacher", "builtin:tiny-llama", "--student-config", str(tmp_path / "student.yaml"),
+                "--data", str(text), "--out", str(tmp_path / name), "--max-steps", "3", "--hidden-weight", "1.0",
+                *COMMON, f"batch.batch_size={batch}"] + (["--nproc", str(nproc)] if nproc else [])
+        r = lmslim(*args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = tmp_path / name
+    assert max_diff(weights(runs["one"]), weights(runs["two"])) < ATOL
+    proj = [load_file(str(runs[n] / "checkpoints" / "step-0000003" / "extra.safetensors")) for n in ("one", "two")]
+    assert list(proj[0]) == ["objective.hidden.proj.weight"]
+    assert max_diff(*proj) < ATOL
+    assert max_diff(proj[0], {k: torch.zeros_like(v) for k, v in proj[0].items()}) > 0  # it was trained
+
+
+def test_parallel_loading_gives_the_same_batches(docs):
+    from lmslim.assets.tiny import byte_tokenizer
+    from lmslim.train.config import BatchConfig
+    from lmslim.train.data import Batcher, tokenize
+
+    ts = tokenize(docs, byte_tokenizer(), "clm", max_length=32)
+    b = Batcher(ts, BatchConfig(batch_size=3, max_length=32), seed=1)
+    plan = b.epoch(2)
+    serial = list(b.batches(plan, 0))
+    parallel = list(b.batches(plan, 2))
+    assert len(serial) == len(parallel) == len(plan)
+    for x, y in zip(serial, parallel):
+        assert (x.units, x.tokens) == (y.units, y.tokens)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_training_with_loader_workers_equals_in_process_loading(docs, rt):
+    from lmslim.core.models import load_model
+    from lmslim.train.config import TrainConfig
+    from lmslim.train.data import tokenize
+    from lmslim.train.loop import train as run
+
+    results = []
+    for workers in (0, 2):
+        lm = load_model("builtin:tiny-llama")
+        ts = tokenize(docs, lm.tokenizer, "clm", 32)
+        cfg = TrainConfig.from_dict({"max_steps": 6, "optim": {"lr": 1e-3}, "log": {"progress": False},
+                                     "batch": {"batch_size": 2, "max_length": 32, "num_workers": workers}})
+        results.append(run(lm.model, ts, cfg, rt).losses)
+    assert results[0] == results[1]

@@ -15,6 +15,10 @@ token at context c costs ``2 * N_lin + 4 * L * c * H * D_head``. Training costs 
 Decode is memory-bound: every weight is read once per generated token, plus the KV cache, so
 ``bytes_read_per_token`` bounds decode speed at ``bandwidth / bytes_read_per_token``.
 
+Non-zeros (``nonzero_params``) count exact zeros of the float parameters; in quantized layers only
+when the model carries pruning provenance (see ``shape_of``), so rounding to a 4-bit grid is not
+mistaken for sparsity.
+
 Example:
     >>> from lmslim.assets.tiny import build_tiny
     >>> from lmslim.measure.cost import shape_of, forward_flops
@@ -51,6 +55,20 @@ def _is_matmul_module(m: nn.Module) -> bool:
 
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _zero_bin(m: nn.Module) -> int:
+    """Weights of a quantized layer that dequantize to within half a step of 0.0.
+
+    A pruned zero lands there, but not always on exactly 0.0: an asymmetric grid stores its zero point
+    as an fp16 offset, so the code for 0.0 dequantizes to a tiny non-zero value. The count also holds
+    the small weights rounded there, a slight overstatement of the pruned fraction.
+    """
+    from lmslim.compress.quantize.scheme import expand_groups
+
+    w = m.dequantized_weight()  # (out, in)
+    step = expand_groups(m.scale.float(), m.scheme.group(m.in_features), m.in_features)  # (out, in)
+    return int((w.abs() <= step / 2).sum().item())
 
 
 def shape_of(model: nn.Module) -> ModelShape:
@@ -90,7 +108,12 @@ def shape_of(model: nn.Module) -> ModelShape:
         if p.data_ptr() not in embedding_ptrs and p.data_ptr() not in matmul_ptrs:
             weight_bytes += _tensor_bytes(p)
     params += sum(p["params"] for p in profiles)
-    nonzero += sum(p["nonzero"] for p in profiles)
+    # A quantizer maps every weight near zero to the code nearest 0.0 (at 4 bits, 5-20% of a matrix),
+    # so zeros in the dequantized codes are rounding, not removed weights. They count as sparsity only
+    # when the model was pruned before it was quantized (``lmslim_pruning`` provenance).
+    nonzero += sum(p["params"] for p in profiles)
+    if getattr(cfg, "lmslim_pruning", None):
+        nonzero -= sum(_zero_bin(m) for m in model.modules() if hasattr(m, "cost_profile"))
     weight_bytes += sum(p["weight_bytes"] for p in profiles)
     elem = next(model.parameters()).element_size()
     kv = 2 * n_layers * n_kv * head_dim * elem

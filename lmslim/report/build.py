@@ -90,6 +90,10 @@ def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "flops_per_token", "train_flops_per_token", "fraction_of_bound", "bytes_read_per_token"):
                 row[key] = be.get(key)
             row["machine"] = (be.get("machine") or ev.get("machine") or {}).get("cpu")
+            if be.get("quantization") and not be.get("pruning") and row.get("params") is not None:
+                # Zeros in a quantized, unpruned model are weights rounded to the grid's 0.0, not removed
+                # weights (runs measured before lmslim.measure.cost excluded them still carry them).
+                row["nonzero_params"] = row["params"]
             rows.append(row)
     if not rows or rows[0]["stage"] is not None:
         raise UserError("the first run has no baseline variant")

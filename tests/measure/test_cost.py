@@ -54,3 +54,41 @@ def test_training_cost_formula():
     shape = cost.shape_of(build_tiny("tiny-llama")[0])
     assert cost.training_flops_per_token(shape, 64) == 3 * cost.forward_flops(shape, 64) // 64
     assert cost.flops_per_token(shape, 0) == 2 * shape.linear_params + cost.attention_flops(shape, 1, 1)
+
+
+def _calib(model):
+    return torch.randint(10, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantized_rounding_zeros_are_not_sparsity(method):
+    from lmslim.compress.quantize import GPTQConfig, quantize_
+    from lmslim.compress.quantize.rtn import RTNConfig
+
+    model, _ = build_tiny("tiny-llama")
+    cfg = RTNConfig(bits=4, symmetric=True) if method == "rtn" else GPTQConfig(bits=4, symmetric=True)
+    quantize_(model, cfg, _calib(model))
+    q = [m for m in model.modules() if hasattr(m, "cost_profile")]
+    # The 4-bit codes do hold many exact zeros (weights rounded to the grid's 0.0) ...
+    zeros = sum(int((m.dequantized_weight() == 0).sum()) for m in q)
+    assert zeros > 0.05 * sum(m.in_features * m.out_features for m in q)
+    # ... but no weight was removed: every logical parameter counts as non-zero.
+    shape = cost.shape_of(model)
+    float_zeros = sum(int((p == 0).sum()) for p in model.parameters())  # e.g. the padding embedding row
+    assert shape.nonzero_params == shape.params - float_zeros
+
+
+def test_pruned_then_quantized_keeps_its_sparsity():
+    from lmslim.compress.prune import WandaConfig, prune_
+    from lmslim.compress.quantize import quantize_
+    from lmslim.compress.quantize.rtn import RTNConfig
+
+    model, _ = build_tiny("tiny-llama")
+    prune_(model, WandaConfig(sparsity=0.5), _calib(model))
+    pruned = cost.shape_of(model)
+    assert pruned.nonzero_params < 0.7 * pruned.params
+    # The default asymmetric grid: a pruned zero dequantizes to a tiny value, not exactly 0.0.
+    quantize_(model, RTNConfig(bits=4), _calib(model))
+    shape = cost.shape_of(model)
+    # Every pruned zero still counts; a few small weights rounded into the zero bin may add to them.
+    assert 0.85 * pruned.nonzero_params < shape.nonzero_params <= pruned.nonzero_params

@@ -95,3 +95,50 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
         page.screenshot(path=os.path.join(artifacts, "report.png"), full_page=True)
         browser.close()
     assert width > 100 and rows == 4 and errors == []
+
+
+def _measured(lm, name, stage):
+    """A compress-run variant whose bench numbers come from the real bench of ``lm``."""
+    from lmslim.measure.bench import BenchConfig, bench
+
+    b = bench(lm, BenchConfig(prompt_len=8, gen_len=4, repeats=1, warmup=0))
+    b["size_mb"] = 1.0  # in-memory models have no files; size does not matter here
+    return {"name": name, "stage": stage, "model": name, "weights_sha256": name,
+            "eval": {"kind": "eval", "perplexity": 10.0, "tokens_scored": 10}, "bench": b}
+
+
+def test_quantized_row_not_called_sparse_pruned_row_is(tmp_path):
+    """GPTQ 4-bit codes hold many exact zeros (rounding), which are not pruned weights."""
+    import torch
+
+    from lmslim.compress.prune import WandaConfig, prune_
+    from lmslim.compress.quantize import GPTQConfig, quantize_
+    from lmslim.core.models import LoadedModel, ResolvedModel, load_model
+
+    def fresh():
+        lm = load_model("builtin:tiny-llama")
+        return LoadedModel(lm.model, lm.tokenizer, ResolvedModel("in-memory", "memory", None), "clm")
+
+    calib = torch.randint(10, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    base, gptq, wanda = fresh(), fresh(), fresh()
+    quantize_(gptq.model, GPTQConfig(bits=4, symmetric=True), calib)
+    prune_(wanda.model, WandaConfig(sparsity=0.5), calib)
+    run = make_run(tmp_path / "r", "mixed", [_measured(base, "baseline", None), _measured(gptq, "gptq", "quantize"),
+                                            _measured(wanda, "wanda", "prune")])
+    by = {r["name"]: r for r in collect(load_runs([run]))}
+    assert "zeros are not skipped" not in by["gptq"]["verdict"]
+    assert by["gptq"]["prune_ratio"] == pytest.approx(0.0)
+    assert "zeros are not skipped" in by["wanda"]["verdict"] and by["wanda"]["prune_ratio"] > 0.3
+
+
+def test_stale_quantized_result_not_called_sparse(tmp_path):
+    """Results measured before the cost fix carry rounding zeros in nonzero_params; the report ignores them."""
+    base = variant("baseline", None, 20.0, 10.0, 500)
+    q = variant("gptq", "quantize", 21.0, 17.0, 170, nonzero=800)
+    q["bench"]["quantization"] = {"method": "gptq", "kernels": ["int8"], "bits": [4]}
+    p = variant("wanda+q", "quantize", 25.0, 17.0, 120, nonzero=500)
+    p["bench"]["quantization"] = {"method": "rtn", "kernels": ["int8"], "bits": [4]}
+    p["bench"]["pruning"] = {"methods": ["wanda"], "n_m": None}
+    by = {r["name"]: r for r in collect(load_runs([make_run(tmp_path / "r", "q", [base, q, p])]))}
+    assert "zeros are not skipped" not in by["gptq"]["verdict"]
+    assert "zeros are not skipped" in by["wanda+q"]["verdict"]

@@ -143,7 +143,7 @@ def bench(
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model spec (full precision)."),
-    method: str = typer.Option(..., "--method", help="dynamic-int8 | rtn | gptq | smoothquant"),
+    method: str = typer.Option(..., "--method", help="dynamic-int8 | rtn | gptq | awq | smoothquant"),
     out_dir: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits (rtn/gptq: 2, 3, 4, 8; default 4)."),
     group_size: Optional[int] = typer.Option(None, "--group-size",
@@ -152,7 +152,7 @@ def quantize(
                                              help="Grid symmetry (default: symmetric for 8 bits, asymmetric below)."),
     minmax: bool = typer.Option(False, "--minmax", help="Asymmetric grid over each group's [min, max] (Q4_1) "
                                 "instead of an integer zero point."),
-    calib: str = typer.Option("builtin:wiki:train", "--calib", help="Calibration text (gptq, smoothquant)."),
+    calib: str = typer.Option("builtin:wiki:train", "--calib", help="Calibration text (gptq, awq, smoothquant)."),
     calib_samples: int = typer.Option(128, "--calib-samples"),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
     kernel: str = typer.Option("auto", "--kernel", help="auto | dequant | fbgemm"),
@@ -164,6 +164,7 @@ def quantize(
                                      "that lowers its rounding error (grid search)."),
     true_sequential: bool = typer.Option(False, "--true-sequential", help="gptq: calibrate a block's matrices "
                                          "in call order on already-quantized inputs."),
+    awq: bool = typer.Option(False, "--awq", help="gptq: fold AWQ activation-aware input scales in first."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
     target: list[str] = typer.Option(["*"], "--target", help="Module-name glob to quantize (repeatable; re: for regex)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to keep in full precision (repeatable)."),
@@ -187,14 +188,16 @@ def quantize(
     check_writable_target(out_dir / "config.json")
     kwargs: dict = {"kernel": kernel, "include_lm_head": include_lm_head, "targets": tuple(target),
                     "ignore": tuple(ignore)}
-    if method in ("rtn", "gptq"):
+    if method in ("rtn", "gptq", "awq"):
         b = 4 if bits is None else bits
         kwargs.update(bits=b, group_size=(None if b == 8 else 128) if group_size is None else (group_size or None),
-                      symmetric=(b == 8) if symmetric is None else symmetric, minmax=minmax, clip_search=clip_search)
+                      symmetric=(b == 8) if symmetric is None else symmetric, minmax=minmax)
+        if method != "awq":
+            kwargs.update(clip_search=clip_search)
     elif bits not in (None, 8) or group_size not in (None, 0):
         raise UserError(f"{method} is int8 per output channel; --bits/--group-size do not apply")
     if method == "gptq":
-        kwargs.update(act_order=act_order, damp=damp, true_sequential=true_sequential)
+        kwargs.update(act_order=act_order, damp=damp, true_sequential=true_sequential, awq=awq)
     if method == "smoothquant":
         kwargs.update(alpha=alpha)
     config = cls(**kwargs)

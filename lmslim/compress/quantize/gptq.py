@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from lmslim.compress.calibration import InputStats, run_block, sequential, transformer_blocks
+from lmslim.compress.quantize.awq import BlockStats, awq_scale_block_, collect_stats
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, resolve_kernel, targets_of
 from lmslim.compress.quantize.linear import QuantLinear, linear_weight
 from lmslim.compress.quantize.scheme import Scheme, _params_for, group_params, search_params
@@ -59,6 +60,10 @@ class GPTQConfig(TargetSpec):
             perplexity 27.36 on, 27.09 off, and ~1.5× the calibration time, so off by default.
         clip_search: fit each group's range by the clipping search of ``scheme.search_params``
             instead of its full [min, max].
+        awq: before GPTQ, fold AWQ's activation-aware input-channel scales into each block
+            (``awq.py``: norm -> q/k/v, norm -> gate/up, up -> down); GPTQ then runs on the scaled
+            weights with the correspondingly scaled Hessians.
+        awq_grid: number of ``α`` values the AWQ scale search tries.
         block_size: columns per lazy-update block.
         batch_size: calibration samples per forward pass.
     """
@@ -73,6 +78,8 @@ class GPTQConfig(TargetSpec):
     act_order: bool = True
     true_sequential: bool = False
     clip_search: bool = False
+    awq: bool = False
+    awq_grid: int = 20
     block_size: int = 128
     batch_size: int = 8
     needs_calibration: bool = True
@@ -82,8 +89,8 @@ class GPTQConfig(TargetSpec):
         Scheme(self.bits, self.group_size, self.symmetric, self.minmax)
         if not 0 < self.damp < 1:
             raise UserError(f"damp must be in (0, 1), got {self.damp}")
-        if self.block_size < 1 or self.batch_size < 1:
-            raise UserError("block_size and batch_size must be >= 1")
+        if self.block_size < 1 or self.batch_size < 1 or self.awq_grid < 1:
+            raise UserError("block_size, batch_size and awq_grid must be >= 1")
 
     @property
     def scheme(self) -> Scheme:
@@ -220,28 +227,41 @@ def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
     kernel = resolve_kernel(config.kernel)
     errors: dict[str, float] = {}
 
-    def compress_block(_path, block, mods, inputs):
-        groups = input_groups(block, mods, inputs[0]) if config.true_sequential else [list(mods)]
-        for group in groups:
-            quantize_group(block, {n: mods[n] for n in group}, inputs)
+    awq_records: list[dict] = []
 
-    def quantize_group(block, mods, inputs):
-        widths = {n: linear_weight(m).shape[1] for n, m in mods.items()}
-        hessians = {n: torch.zeros(k, k) for n, k in widths.items()}
-        counts = {n: 0 for n in mods}
+    def compress_block(path, block, mods, inputs):
+        pre = None
+        if config.awq:  # fold activation-aware scales first; GPTQ then sees the scaled weights and inputs
+            pre = collect_stats(block, mods, inputs)
+            awq_records.extend(awq_scale_block_(block, path, mods, pre, scheme, config.awq_grid))
+        if config.true_sequential:
+            for group in input_groups(block, mods, inputs[0]):
+                quantize_group(block, {n: mods[n] for n in group}, inputs)
+        else:
+            quantize_group(block, mods, inputs, pre)
 
-        def update(name, x):  # x: (N, K)
-            hessians[name] += x.t() @ x
-            counts[name] += x.shape[0]
+    def quantize_group(block, mods, inputs, pre: BlockStats | None = None):
+        if pre is not None:  # statistics already gathered on this block's inputs (H = XᵀX / N)
+            hessians = {n: pre.hessian[n] * 2 for n in mods}
+            counts = {n: 1 for n in mods}
+        else:
+            widths = {n: linear_weight(m).shape[1] for n, m in mods.items()}
+            hessians = {n: torch.zeros(k, k) for n, k in widths.items()}
+            counts = {n: 0 for n in mods}
 
-        stats = InputStats(mods, update)
-        try:
-            for inp in inputs:
-                run_block_until(block, inp, list(mods.values()))
-        finally:
-            stats.remove()
+            def update(name, x):  # x: (N, K)
+                hessians[name] += x.t() @ x
+                counts[name] += x.shape[0]
+
+            stats = InputStats(mods, update)
+            try:
+                for inp in inputs:
+                    run_block_until(block, inp, list(mods.values()))
+            finally:
+                stats.remove()
+            hessians = {n: h * (2 / max(counts[n], 1)) for n, h in hessians.items()}
         for name, mod in mods.items():
-            h = hessians[name] * (2 / max(counts[name], 1))
+            h = hessians[name]
             w = linear_weight(mod)
             codes, scale, offset = gptq_quantize(w, h, scheme, config.damp, config.act_order, config.block_size,
                                                  config.clip_search)
@@ -263,6 +283,10 @@ def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
         for name in leftovers:
             replace_with_quant(model, name, targets[name], scheme, config.kernel, clip_search=config.clip_search)
         log.info("GPTQ: %d module(s) outside the transformer blocks used RTN: %s", len(leftovers), leftovers)
-    return {"calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
-            "relative_output_error_mean": sum(errors.values()) / max(len(errors), 1),
-            "rtn_modules": leftovers}
+    report = {"calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+              "relative_output_error_mean": sum(errors.values()) / max(len(errors), 1),
+              "rtn_modules": leftovers}
+    if config.awq:
+        gain = [r["error"] / r["unscaled_error"] for r in awq_records if r["unscaled_error"] > 0]
+        report.update(awq_scaled_groups=len(awq_records), awq_rtn_error_ratio_mean=sum(gain) / max(len(gain), 1))
+    return report

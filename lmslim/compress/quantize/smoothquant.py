@@ -93,9 +93,19 @@ def activation_maxima(model: nn.Module, modules: dict[str, nn.Module], calib: to
 
 @torch.no_grad()
 def smooth_(producer: nn.Module, consumers: list[nn.Module], act_max: torch.Tensor, alpha: float) -> None:
-    """Fold ``s`` into ``producer``'s output channels (÷) and ``consumers``' input channels (×)."""
+    """Fold ``s = max|X|^α / max|W|^(1-α)`` into ``producer`` (÷) and ``consumers`` (×)."""
     w_max = torch.stack([_in_weight_view(c).abs().amax(0) for c in consumers]).amax(0)  # (in,)
     s = (act_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+    fold_scales_(producer, consumers, s)
+
+
+@torch.no_grad()
+def fold_scales_(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
+    """Divide ``producer``'s output channels by ``s`` (in,) and multiply ``consumers``' input channels by it.
+
+    The product is unchanged: the producer is a norm (``y = weight * norm(x) (+ bias)``) or a linear
+    whose output feeds the consumers linearly (``up_proj`` -> ``down_proj`` through ``act(gate) * up``).
+    """
     if isinstance(producer, nn.Linear) or _is_conv1d(producer):  # e.g. up_proj: scale its output rows
         if _is_conv1d(producer):
             producer.weight.data.div_(s.unsqueeze(0))

@@ -217,7 +217,7 @@ class DistributedConfig:
     """powersgd: rank r of the low-rank approximation (an n x m gradient is sent as (n + m) x r numbers)."""
     powersgd_start_step: int = 10
     """powersgd: plain all-reduce for the first N steps (PowerSGD's warm-up; must be >= 2)."""
-    bucket_mb: int = 25
+    bucket_mb: float = 25.0
     """ddp: gradient bucket size in MB (all-reduce overlaps backward one bucket at a time)."""
     find_unused_parameters: bool = False
     """ddp: allow parameters that get no gradient in some steps (slower; needed e.g. for an unused pooler)."""
@@ -232,7 +232,7 @@ class DistributedConfig:
         _need(self.powersgd_rank >= 1, f"distributed.powersgd_rank must be >= 1, got {self.powersgd_rank}")
         _need(self.powersgd_start_step >= 2,
               f"distributed.powersgd_start_step must be >= 2, got {self.powersgd_start_step}")
-        _need(self.bucket_mb >= 1, f"distributed.bucket_mb must be >= 1, got {self.bucket_mb}")
+        _need(self.bucket_mb > 0, f"distributed.bucket_mb must be > 0, got {self.bucket_mb}")
         _need(self.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {self.timeout_s}")
 
 

@@ -131,11 +131,28 @@ def wrap(model: nn.Module, runtime: Runtime, config: DistributedConfig, blocks: 
 
     ddp = DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
               bucket_cap_mb=config.bucket_mb, find_unused_parameters=config.find_unused_parameters)
-    _register_hook(ddp, config, seed)
+    _register_hook(ddp, config, seed, ordered=runtime.backend == "gloo")
     return ddp
 
 
-def _register_hook(ddp: nn.Module, config: DistributedConfig, seed: int) -> None:
+def _in_order(hook: Any) -> Any:
+    """Run ``hook`` for one bucket to completion before backward hands DDP the next bucket.
+
+    PowerSGD all-reduces P, then launches the all-reduce of Q from the first one's completion
+    callback. Gloo completes futures on its own threads, so with several buckets in flight the ranks
+    can issue these collectives in different orders (seen here as a gloo size mismatch or a hang).
+    Waiting keeps the order identical on every rank, at the cost of overlapping communication.
+    """
+
+    def run(state, bucket):  # no annotations: DDP checks them against dist.GradBucket / Future types
+        fut = hook(state, bucket)
+        fut.wait()
+        return fut
+
+    return run
+
+
+def _register_hook(ddp: nn.Module, config: DistributedConfig, seed: int, ordered: bool) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if config.comm_hook == "fp16":
@@ -147,7 +164,8 @@ def _register_hook(ddp: nn.Module, config: DistributedConfig, seed: int) -> None
             process_group=None, matrix_approximation_rank=config.powersgd_rank,
             start_powerSGD_iter=config.powersgd_start_step, use_error_feedback=True, warm_start=True,
             random_seed=seed)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        hook = powerSGD_hook.powerSGD_hook
+        ddp.register_comm_hook(state, _in_order(hook) if ordered else hook)
 
 
 def is_fsdp(module: nn.Module) -> bool:

@@ -114,7 +114,9 @@ def test_fsdp_resume_continues_exactly(text, tmp_path):
 
 @pytest.mark.parametrize("hook", ["fp16", "powersgd"])
 def test_compression_hooks_train_and_send_fewer_bytes(text, tmp_path, hook):
-    extra = ["distributed.powersgd_start_step=2", "distributed.powersgd_rank=2"] if hook == "powersgd" else []
+    # Tiny buckets: several buckets in flight at once (PowerSGD's chained all-reduces once mis-ordered there).
+    extra = ["distributed.powersgd_start_step=2", "distributed.powersgd_rank=2",
+             "distributed.bucket_mb=0.02"] if hook == "powersgd" else []
     train(text, tmp_path / hook, "--max-steps", "12", "batch.batch_size=4", f"distributed.comm_hook={hook}",
           *extra, nproc=2)
     rows = [json.loads(x) for x in (tmp_path / hook / "metrics.jsonl").read_text().splitlines()]

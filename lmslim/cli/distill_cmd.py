@@ -161,15 +161,8 @@ def distill(
     from lmslim.core.runtime import Runtime
     from lmslim.train import distributed
 
-    # Under torchrun: join the process group before any rank writes; rank 0 alone clears --out.
-    rt = distributed.setup(Runtime.create(device=device, threads=threads), tcfg.distributed.timeout_s)
-    if rt.is_distributed and overwrite:
-        if rt.is_main and out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        distributed.barrier(rt)
-        overwrite = False
+    # Under torchrun: join the process group before any rank writes (run_distill clears --out on rank 0).
+    distributed.setup(Runtime.create(device=device, threads=threads), tcfg.distributed.timeout_s)
     summary = run_distill(
         teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
         anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,

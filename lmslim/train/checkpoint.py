@@ -75,6 +75,20 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _publish(tmp: Path, folder: Path) -> None:
+    """fsync every file of the finished ``tmp`` folder, then rename it to ``folder`` (replacing an old one)."""
+    for f in tmp.iterdir():
+        _fsync(f)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    with contextlib.suppress(OSError):
+        fd = os.open(folder.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
 def save_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Parameter], trainer_state: dict[str, Any],
                     meta: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically (temp folder, fsync every file, rename)."""
@@ -88,16 +102,7 @@ def save_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Paramete
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        for f in tmp.iterdir():
-            _fsync(f)
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        with contextlib.suppress(OSError):
-            fd = os.open(folder.parent, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+        _publish(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -126,11 +131,7 @@ def save_sharded_checkpoint(folder: Path, runtime: Any, write_shards: Any, train
         try:
             torch.save(trainer_state, tmp / "trainer_state.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            for f in tmp.iterdir():
-                _fsync(f)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            _publish(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     barrier(runtime)

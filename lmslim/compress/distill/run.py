@@ -168,8 +168,11 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
         from lmslim.compress.distill.cache import TopKCache, teacher_fingerprint
 
         cache = TopKCache(teacher_cache, top_k, t.resolved.weights_hash() or teacher_fingerprint(t.model))
-    if overwrite and out_dir.exists():
+    if overwrite and out_dir.exists() and rt.is_main:  # under torchrun rank 0 clears it, the others wait
         shutil.rmtree(out_dir)
+    from lmslim.train.distributed import barrier
+
+    barrier(rt)
     result = distill(t.model, s_model, ts, distill_config, train_config, rt, eval_data=vs, out_dir=out_dir,
                      resume=resume, evaluator=evaluator, cache=cache)
     summary["train"] = {"steps": result.steps, "final_loss": result.final_loss, "tokens_seen": result.tokens_seen,

@@ -16,8 +16,12 @@
    round, then ``--decode-repeats`` rounds that interleave the models (greedy, batch 1, KV cache,
    64-token prompt, ``--gen-len`` new tokens); the median tok/s of each model and the ratios.
 
+5. Block-wise fit (``bw``: only the fit; ``bw-kd``: the fit, then the same KD budget as ``kd``): each
+   student block re-fitted to the teacher blocks it replaces (``--bw-*`` options; wall time reported
+   apart from the KD steps, so the two budgets can be compared).
+
 Rows (``--only``, comma-separated): ``base`` (teacher and untrained-student perplexity), ``ft``,
-``kd``, ``kd-hidden``, ``share-kd``, ``decode``, ``minilm``. Each row is merged into the ``--json``
+``kd``, ``kd-hidden``, ``bw``, ``bw-kd``, ``share-kd``, ``decode``, ``minilm``. Each row is merged into the ``--json``
 file, so rows can run in separate invocations (one lock hold each) and later rows reuse earlier
 numbers (``decode`` loads the student the ``kd`` row saved to ``--save-dir``). Run (heavy: hold the
 shared lock, one row per hold)::
@@ -90,7 +94,7 @@ def sentences(docs: list[str], limit: int, min_words: int = 6) -> list[str]:
     return out[:limit]
 
 
-ROWS = ("base", "ft", "kd", "kd-hidden", "share-kd", "decode", "minilm")
+ROWS = ("base", "ft", "kd", "kd-hidden", "bw", "bw-kd", "share-kd", "decode", "minilm")
 SMOLLM = "builtin:smollm2-135m"
 
 
@@ -135,9 +139,35 @@ def row_base(sm: Smollm, rows: dict) -> None:
     log(f"student, no training: {rows['student, no training']}")
 
 
-def row_student(sm: Smollm, rows: dict, name: str, dcfg: DistillConfig | None, save: Path | None = None) -> None:
+def blockwise_fit(sm: Smollm, student, row: dict) -> None:
+    """Fit the cut student's blocks to the teacher spans they replace (lmslim.compress.distill.blockwise)."""
+    from lmslim.compress.distill.blockwise import BlockwiseConfig, blockwise_distill_, calibration_rows
+
+    a = sm.args
+    cfg = BlockwiseConfig(epochs=a.bw_epochs, lr=a.bw_lr, samples=a.bw_samples, seq_len=a.bw_seq,
+                          batch_size=a.bw_batch)
+    texts = tokenize(load_data("builtin:wiki:train", "clm"), sm.tok, "clm", max_length=cfg.seq_len, pack=True)
+    rows = calibration_rows(texts.examples, cfg)
+    t0 = time.perf_counter()
+    rep = blockwise_distill_(sm.teacher, student, rows, cfg, sm.rt)
+    row["blockwise"] = {"config": rep["config"], "rows": rep["rows"], "seconds": time.perf_counter() - t0,
+                        "relative_error": [[round(b["loss_before"], 4), round(b["loss_after"], 4)]
+                                           for b in rep["blocks"]]}
+    row["ppl_after_blockwise"] = sm.ppl(student)
+    log(f"blockwise fit: {row['blockwise']['seconds']:.0f} s, ppl {row['ppl_after_blockwise']:.1f}")
+
+
+def row_student(sm: Smollm, rows: dict, name: str, dcfg: DistillConfig | None, save: Path | None = None,
+                blockwise: bool = False, train: bool = True) -> None:
     student = student_from_layers(sm.teacher, sm.layers)
     row = {"layers": len(sm.layers), "params": unique_params(student), "budget": budget_of(sm.args)}
+    if blockwise:
+        blockwise_fit(sm, student, row)
+    if not train:
+        row["ppl"] = row["ppl_after_blockwise"]
+        rows[name] = row
+        log(f"{name}: {row}")
+        return
     objective = None if dcfg is None else DistillObjective(sm.teacher, student, dcfg)
     if dcfg is not None:
         row["loss"] = {"alpha": dcfg.alpha, "temperature": dcfg.temperature, "hidden_weight": dcfg.hidden_weight,
@@ -237,6 +267,10 @@ def smollm_part(args, rt, results: dict, todo: set[str]) -> None:
         row_student(sm, rows, "student, KD", kd, save=args.save_dir / "kd")
     if "kd-hidden" in todo:
         row_student(sm, rows, "student, KD + hidden", kdh)
+    if "bw" in todo:
+        row_student(sm, rows, "student, block-wise fit only", None, blockwise=True, train=False)
+    if "bw-kd" in todo:
+        row_student(sm, rows, "student, block-wise fit + KD", kd, blockwise=True, save=args.save_dir / "bw-kd")
     if "share-kd" in todo:
         row_share(sm, rows)
     if "decode" in todo:
@@ -277,6 +311,11 @@ def main() -> None:
     ap.add_argument("--hidden-weight", type=float, default=1.0)
     ap.add_argument("--hidden-loss", default="cosine")
     ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--bw-epochs", type=int, default=4, help="bw rows: block-wise fit epochs per block")
+    ap.add_argument("--bw-samples", type=int, default=128, help="bw rows: calibration rows")
+    ap.add_argument("--bw-seq", type=int, default=256, help="bw rows: tokens per calibration row")
+    ap.add_argument("--bw-batch", type=int, default=8, help="bw rows: rows per block-wise step")
+    ap.add_argument("--bw-lr", type=float, default=2e-4, help="bw rows: block-wise learning rate")
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--decode-repeats", type=int, default=7)
     ap.add_argument("--minilm-steps", type=int, default=150)

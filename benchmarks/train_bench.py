@@ -3,11 +3,14 @@
 In ONE run, on the same machine state:
 
 1. **Throughput vs Hugging Face ``Trainer``**: same model, same rows (wiki text packed into
-   fixed-length rows), same batch size and sequence length, AdamW (torch), constant lr, gradient
-   clipping at 1.0, fp32. Models: SmolLM2-135M and a small Llama config. The two loops alternate
-   (ours, HF, ours, HF, ...) from the same starting weights; each run's first ``--warmup`` steps are
-   dropped and tokens/s is the median over the remaining step intervals (wall time between
-   consecutive step ends, so data loading and the optimizer step count for both).
+   fixed-length rows), same batch size and sequence length, AdamW, constant lr, gradient clipping at
+   1.0, fp32. Models: SmolLM2-135M and a small Llama config. Three settings, each run in a FRESH
+   process (lmslim's allocator setting is process-wide) from the same starting weights, in rotating
+   order: lmslim with its defaults, lmslim's plain loop (``host_memory=release optim.fused=false``, to
+   show what those two settings give) and ``Trainer`` with its own defaults (for torch >= 2.8 that is
+   fused AdamW). Each run's first ``--warmup`` steps are dropped; tokens/s is the median over the
+   remaining step intervals (wall time between consecutive step ends, so data loading and the
+   optimizer step count for both).
 2. **Peak memory with vs without activation checkpointing** (SmolLM2-135M): each setting runs in a
    fresh subprocess (peak RSS cannot be reset inside a process); reported as peak RSS and as the
    increase over the RSS just before the first training step (weights + data loaded).
@@ -110,8 +113,8 @@ def _ours(model, rows, tok, batch: int, seq_len: int, steps: int, **cfg_over) ->
     return stamps
 
 
-def _hf(model, rows, batch: int, steps: int) -> list[float]:
-    """Step-end timestamps of transformers.Trainer over the same rows."""
+def _hf(model, rows, batch: int, steps: int, optim: str | None = None) -> list[float]:
+    """Step-end timestamps of transformers.Trainer over the same rows (its default optimizer unless ``optim``)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     data = [{"input_ids": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long),
@@ -126,12 +129,18 @@ def _hf(model, rows, batch: int, steps: int) -> list[float]:
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as tmp:
+        extra = {"optim": optim} if optim else {}
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps,
                                  learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                                 max_grad_norm=1.0, optim="adamw_torch", logging_steps=10 ** 6, save_strategy="no",
-                                 report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
-        Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                callbacks=[Clock()]).train()
+                                 max_grad_norm=1.0, logging_steps=10 ** 6, save_strategy="no",
+                                 report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                                 **extra)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                          callbacks=[Clock()])
+        trainer.train()
+        stamps.append(type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                           else trainer.optimizer).__name__ + (" fused" if trainer.optimizer.defaults.get("fused")
+                                                               else ""))
     return stamps
 
 
@@ -140,21 +149,52 @@ def _tps(stamps: list[float], warmup: int, tokens_per_step: int) -> float:
     return tokens_per_step / statistics.median(gaps)
 
 
-def throughput(args, factories, tok) -> dict:
+# The settings compared, each run in a fresh process: lmslim's allocator setting (host_memory) is
+# process-wide, so running the contenders in one process would hand it to whoever runs second.
+SETTINGS = {
+    "lmslim": {},
+    "lmslim, plain loop (host_memory=release, optim.fused=false)": {"host_memory": "release", "optim.fused": "false"},
+    "HF Trainer (defaults)": None,
+}
+
+
+def throughput_child(args, model_name: str, setting: str) -> dict:
+    """Runs in a subprocess: tokens/s of one setting on one model."""
+    factories, tok = _models(args.base)
     rows = _rows(tok, args.seq_len, args.batch * args.steps)
+    over = SETTINGS[setting]
+    model = factories[model_name]()
+    if over is None:
+        stamps = _hf(model, rows, args.batch, args.steps)
+        optim = stamps.pop()
+    else:
+        stamps = _ours(model, rows, tok, args.batch, args.seq_len, args.steps, **over)
+        optim = "AdamW fused" if over.get("optim.fused") != "false" else "AdamW"
+    return {"tokens_per_s": _tps(stamps, args.warmup, args.batch * args.seq_len), "optimizer": optim}
+
+
+def throughput(args, factories, tok) -> dict:
     out = {}
-    for name, make in factories.items():
-        ours, hf = [], []
-        tokens = args.batch * args.seq_len
+    for name in factories:
+        res = {s: [] for s in SETTINGS}
+        optims = {}
         for r in range(args.repeats):
-            # Alternate who goes first, so a slow start or a neighbour's burst does not favour one side.
-            runs = [("ours", lambda: _ours(make(), rows, tok, args.batch, args.seq_len, args.steps)),
-                    ("hf", lambda: _hf(make(), rows, args.batch, args.steps))]
-            for who, fn in (runs if r % 2 == 0 else runs[::-1]):
-                (ours if who == "ours" else hf).append(_tps(fn(), args.warmup, tokens))
-            print(f"  {name} round {r + 1}: ours {ours[-1]:.0f} tok/s, HF Trainer {hf[-1]:.0f} tok/s", flush=True)
-        out[name] = {"ours_tokens_per_s": ours, "hf_tokens_per_s": hf,
-                     "ratio_median": statistics.median(ours) / statistics.median(hf)}
+            # Rotate who goes first, so a slow start or a neighbour's burst does not favour one side.
+            order = list(SETTINGS)
+            order = order[r % len(order):] + order[:r % len(order)]
+            for setting in order:
+                cmd = [sys.executable, __file__, "--_throughput-child", name, setting, "--base", args.base,
+                       "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup)]
+                line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                child = json.loads(line)
+                res[setting].append(child["tokens_per_s"])
+                optims[setting] = child["optimizer"]
+            print(f"  {name} round {r + 1}: " + ", ".join(f"{s} {res[s][-1]:.0f}" for s in SETTINGS) + " tok/s",
+                  flush=True)
+        hf = statistics.median(res["HF Trainer (defaults)"])
+        out[name] = {"tokens_per_s": res, "optimizer": optims,
+                     "ratio_to_hf_median": {s: statistics.median(v) / hf for s, v in res.items()}}
     return out
 
 
@@ -240,8 +280,12 @@ def main() -> None:
     p.add_argument("--var-steps", type=int, default=12)
     p.add_argument("--only", default="throughput,memory,bucketing")
     p.add_argument("--_memory-child", dest="memory_child", default=None)
+    p.add_argument("--_throughput-child", dest="throughput_child", nargs=2, default=None)
     args = p.parse_args()
     _quiet()
+    if args.throughput_child is not None:
+        print(json.dumps(throughput_child(args, *args.throughput_child)))
+        return
     if args.memory_child is not None:
         print(json.dumps(memory_child(args.memory_child == "1", args.batch, args.seq_len, args.steps, args.base)))
         return

@@ -102,6 +102,13 @@ def distill(
                                                  "top-k logits per row; later runs on the same text skip the teacher "
                                                  "(clm logit KD only; soft targets use the top-k)."),
     top_k: int = typer.Option(64, "--top-k", help="Logits per position kept in --teacher-cache."),
+    blockwise_epochs: int = typer.Option(0, "--blockwise-epochs", help="Before KD, re-fit each block of a student "
+                                         "cut with --student-layers to the teacher blocks it replaces, this many "
+                                         "passes over the calibration rows (0 = off; see docs/distill.md)."),
+    blockwise_samples: int = typer.Option(128, "--blockwise-samples", help="Calibration rows for --blockwise-epochs "
+                                          "(from --data)."),
+    blockwise_seq_len: int = typer.Option(256, "--blockwise-seq-len", help="Tokens per calibration row."),
+    blockwise_lr: float = typer.Option(2e-4, "--blockwise-lr", help="Learning rate of the block-wise fit."),
     config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML (see docs/train.md)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps; 0 saves the initialised "
                                             "student untrained (a baseline)."),
@@ -124,6 +131,7 @@ def distill(
     """
     from lmslim.cli.train_cmd import check_out_dir
     from lmslim.compress.distill import DistillConfig
+    from lmslim.compress.distill.blockwise import BlockwiseConfig
     from lmslim.compress.distill.run import run_distill
     from lmslim.train.config import TrainConfig
 
@@ -133,6 +141,10 @@ def distill(
     sources = [s for s in (student, student_layers, student_config) if s is not None]
     if len(sources) != 1:
         raise UserError("give exactly one of --student MODEL, --student-layers K and --student-config FILE")
+    blockwise = BlockwiseConfig(epochs=blockwise_epochs, samples=blockwise_samples, seq_len=blockwise_seq_len,
+                                lr=blockwise_lr)
+    if blockwise.epochs and (student_layers is None or task != "clm"):
+        raise UserError("--blockwise-epochs needs a clm student cut from the teacher with --student-layers")
     items = list(overrides or [])
     if max_steps is not None:
         if max_steps < 0:
@@ -167,10 +179,14 @@ def distill(
         teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
         anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,
         untrained=max_steps == 0, resume=resume, overwrite=overwrite, device=device, threads=threads,
-        trust_remote_code=trust_remote_code, teacher_cache=teacher_cache, top_k=top_k)
+        trust_remote_code=trust_remote_code, teacher_cache=teacher_cache, top_k=top_k,
+        blockwise=blockwise if blockwise.epochs else None)
     s = summary["student"]
     out.print(f"student: {s['layers']} layers, {s['params'] / 1e6:.1f} M parameters "
               f"(teacher {summary['teacher']['layers']} layers, {summary['teacher']['params'] / 1e6:.1f} M)")
+    for b in (summary.get("blockwise") or {}).get("blocks", []):
+        out.print(f"  blockwise: block {b['block']} (teacher {b['teacher_span'][0]}-{b['teacher_span'][1] - 1}): "
+                  f"relative error {b['loss_before']:.4f} -> {b['loss_after']:.4f}")
     if summary.get("train"):
         t = summary["train"]
         out.print(f"trained {t['steps']} steps: final loss {t['final_loss']:.4f}, {t['tokens_per_s']:,.0f} tokens/s, "
@@ -178,5 +194,6 @@ def distill(
         for k, v in (t.get("eval") or {}).items():
             out.print(f"  {k}: {v:.4f}")
     else:
-        out.print("--max-steps 0: saved the initialised student untrained")
+        out.print("--max-steps 0: saved the initialised student without KD training"
+                  + (" (blocks fitted block-wise)" if summary.get("blockwise") else ""))
     out.print(f"wrote {out_dir}")

@@ -125,6 +125,34 @@ class Runtime:
         """A GradScaler that is enabled only when :attr:`needs_grad_scaler` (else its calls pass through)."""
         return torch.amp.GradScaler(self.device.type, init_scale=init_scale, enabled=self.needs_grad_scaler)
 
+    def reuse_freed_host_memory(self) -> bool:
+        """Keep large freed host buffers in the process heap instead of handing them back to the OS.
+
+        Training frees and re-allocates the same large buffers every step (activations, the batch x length x
+        vocabulary logits and their gradients). glibc serves blocks above its mmap threshold with fresh
+        ``mmap`` pages and returns them on ``free``, so every step pays page faults to zero them again.
+        Raising the mmap and trim thresholds (``mallopt``) lets freed blocks be reused. Process-wide and
+        permanent for the process; higher resident memory is the price. A no-op (False) off glibc.
+
+        Returns:
+            True when the allocator was reconfigured.
+        """
+        import ctypes
+        import platform
+
+        if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+            return False
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            return False
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        # 2**30 is far above any single training buffer here and within what mallopt accepts on 64-bit.
+        ok = libc.mallopt(m_mmap_threshold, 2 ** 30) == 1 and libc.mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
+        if ok and self.is_main:
+            log.debug("host allocator: freed buffers are kept for reuse (mmap/trim thresholds raised)")
+        return ok
+
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1

@@ -29,6 +29,7 @@ class TrainStage:
     distill: Any = None  # DistillConfig for the distill stage
     teacher: str = "input"
     student_layers: Any = None  # distill: cut the student to these layers first (K = keep one in K, or a list)
+    blockwise: Any = None  # distill: BlockwiseConfig, fit the cut student's blocks before KD
 
 
 def _train_config(options: dict, where: str):
@@ -57,12 +58,22 @@ def _parse_finetune(options: dict) -> TrainStage:
 def _parse_distill(options: dict) -> TrainStage:
     from lmslim.compress.distill import DistillConfig
 
+    from lmslim.compress.distill.blockwise import BlockwiseConfig
+
     where = "stage distill"
-    extra = {"train", "keep_sparsity", "teacher", "student_layers"}
+    extra = {"train", "keep_sparsity", "teacher", "student_layers", "blockwise"}
     cfg = build_config(DistillConfig, {k: v for k, v in options.items() if k != "task"}, where, extra)
+    blockwise = None
+    if options.get("blockwise") is not None:
+        if not isinstance(options["blockwise"], dict):
+            raise UserError(f"{where}: blockwise must be a mapping of BlockwiseConfig keys (e.g. {{epochs: 4}})")
+        blockwise = build_config(BlockwiseConfig, options["blockwise"], f"{where}: blockwise", set())
+        if options.get("student_layers") is None:
+            raise UserError(f"{where}: blockwise needs student_layers (it fits the blocks of a student cut from "
+                            "the teacher)")
     return TrainStage(train=_train_config(options, where), keep_sparsity=bool(options.get("keep_sparsity", True)),
                       distill=cfg, teacher=str(options.get("teacher", "input")),
-                      student_layers=options.get("student_layers"))
+                      student_layers=options.get("student_layers"), blockwise=blockwise)
 
 
 def sparsity_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -143,12 +154,36 @@ def _run_distill(lm, stage: TrainStage, ctx: StageContext):
         n = len(transformer_blocks(lm.model)[1])
         layers = parse_layers(str(stage.student_layers).strip("[]"), n)
         lm.model = student_from_layers(lm.model, layers)
+    blockwise_report = None
+    if stage.blockwise is not None and stage.blockwise.epochs > 0:
+        from lmslim.compress.distill.blockwise import blockwise_distill_, calibration_rows
+        from lmslim.data.spec import load_data
+        from lmslim.train.data import tokenize
+
+        if task != "clm":
+            raise UserError("stage distill: blockwise fits decoder blocks on text; it needs eval.task clm")
+        bw = dataclasses.replace(stage.blockwise, seq_len=min(stage.blockwise.seq_len, stage.train.batch.max_length))
+        texts = tokenize(load_data(ctx.recipe.data.train, task="clm"), lm.tokenizer, "clm", bw.seq_len, True)
+        blockwise_report = blockwise_distill_(teacher.model, lm.model, calibration_rows(texts.examples, bw), bw,
+                                              ctx.runtime)
     config = dataclasses.replace(stage.distill, task=task)
-    return _run_training(lm, dataclasses.replace(stage, distill=config), ctx, task, teacher=teacher.model)
+    model, tok, report = _run_training(lm, dataclasses.replace(stage, distill=config), ctx, task,
+                                       teacher=teacher.model)
+    if blockwise_report is not None:
+        report["blockwise"] = blockwise_report
+    return model, tok, report
 
 
 _TRAIN_KEYS = [("train", "mapping", "training config: every key of `lmslim train --config` (see docs/train.md)"),
                ("keep_sparsity", "bool", "True (re-zero pruned weights after every step)")]
+
+
+def _blockwise_defaults() -> dict:
+    import dataclasses
+
+    from lmslim.compress.distill.blockwise import BlockwiseConfig
+
+    return {f.name: f.default for f in dataclasses.fields(BlockwiseConfig)}
 
 
 def _distill_reference():
@@ -156,7 +191,10 @@ def _distill_reference():
 
     rows = [r for r in config_reference(DistillConfig) if r[0] != "task"]
     return [("", rows + [("teacher", "str", "'input' (the recipe's model) or a model spec"),
-                         ("student_layers", "int | list", "None (K: keep one layer in K; or a list of layers)")]
+                         ("student_layers", "int | list", "None (K: keep one layer in K; or a list of layers)"),
+                         ("blockwise", "mapping", "None (needs student_layers; fit each cut block to the teacher "
+                          "blocks it replaces before KD; keys: "
+                          + ", ".join(f"{k}={v!r}" for k, v in _blockwise_defaults().items()) + ")")]
              + _TRAIN_KEYS)]
 
 

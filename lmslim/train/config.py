@@ -28,6 +28,7 @@ from typing import Any, Literal
 from lmslim.core.errors import UserError
 
 OPTIMIZERS = ("adamw", "adam", "adagrad", "rmsprop", "sgd")
+FUSED_OPTIMIZERS = ("adamw", "adam", "adagrad", "sgd")  # torch has a fused step for these
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -62,9 +63,17 @@ class OptimConfig:
     """sgd only; needs momentum > 0."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
+    fused: bool | str = "auto"
+    """auto | true | false: torch's fused (single-kernel) step for adamw, adam, sgd and adagrad. auto uses it
+    where torch has it for the parameters (not for FSDP-sharded ones); on this CPU it is 4-5x faster than the
+    per-tensor loop (benchmarks/train_bench.py). The update is the same up to float rounding."""
 
     def __post_init__(self) -> None:
         _choice(self.name, OPTIMIZERS, "optim.name")
+        _choice(str(self.fused).lower(), ("auto", "true", "false"), "optim.fused")
+        object.__setattr__(self, "fused", str(self.fused).lower())  # True / "true" -> "true"
+        _need(self.fused != "true" or self.name in FUSED_OPTIMIZERS,
+              f"optim.fused=true needs optim.name in {', '.join(FUSED_OPTIMIZERS)} (torch has no fused {self.name})")
         _need(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _need(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -238,7 +247,7 @@ class DistributedConfig:
 
 # Sections a resumed run may change: they do not alter the optimisation trajectory up to the checkpoint.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log", "checkpoint", "eval", "early_stop", "batch.num_workers",
-                     "distributed.timeout_s")
+                     "distributed.timeout_s", "host_memory")
 
 
 @dataclass(frozen=True)
@@ -259,9 +268,17 @@ class TrainConfig:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    host_memory: str = "reuse"
+    """reuse | release: what the C allocator does with large freed host buffers while training. Every step
+    frees and re-allocates the same large activation and gradient buffers (the logits alone are batch x
+    length x vocabulary floats); glibc returns them to the OS and each new step pays page faults to get
+    them back. ``reuse`` keeps them in the process heap (glibc's mmap and trim thresholds raised): measured
+    +40-50% tokens/s on a small Llama on a 2-core CPU, for a higher resident set (benchmarks/train_bench.py).
+    The setting is process-wide and stays after training. ``release`` leaves the allocator as it is."""
 
     def __post_init__(self) -> None:
         _need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = use epochs), got {self.max_steps}")
+        _choice(self.host_memory, ("reuse", "release"), "host_memory")
         _need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
 
     # ------------------------------------------------------------------------------------- (de)serialise
@@ -419,7 +436,13 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
         args = [a for a in typing.get_args(t) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        errors = []
+        for a in args:  # the first member type that takes the value
+            try:
+                return _coerce(value, a, key)
+            except UserError as e:
+                errors.append(e)
+        raise errors[-1]
     if origin is Literal:
         return value
     if origin is tuple:

@@ -183,6 +183,8 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     from lmslim.train.tasks import evaluate, metric_names
 
     rt = dist_.setup(runtime.with_precision(config.precision.mode), config.distributed.timeout_s)
+    if config.host_memory == "reuse":
+        rt.reuse_freed_host_memory()
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise UserError("resume needs the output folder of the run to continue")

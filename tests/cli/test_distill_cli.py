@@ -156,3 +156,32 @@ def test_teacher_cache_reused_across_runs(tmp_path, capsys, text):
     losses = [[json.loads(x)["loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
               for n in ("a", "b")]
     assert losses[0] == losses[1]  # the cached soft targets are exactly what the teacher gave
+
+
+def test_blockwise_fit_then_save_without_kd(tmp_path, capsys, text):
+    out = tmp_path / "bw"
+    code, stdout, err = run(capsys, "distill", "--teacher", "builtin:tiny-llama", "--student-layers", "2",
+                            "--data", text, "--max-steps", "0", "--blockwise-epochs", "2", "--blockwise-samples", "4",
+                            "--blockwise-seq-len", "64", "--out", out)
+    assert code == 0, err
+    summary = json.loads((out / "lmslim_distill.json").read_text())
+    blocks = summary["blockwise"]["blocks"]
+    assert len(blocks) == 1 and blocks[0]["teacher_span"] == [0, 2]
+    assert blocks[0]["loss_after"] < blocks[0]["loss_before"]
+    assert "blockwise: block 0" in stdout
+    # The saved student holds the fitted block, not the teacher's layer 0.
+    from lmslim.assets.tiny import build_tiny
+
+    teacher, _ = build_tiny("tiny-llama")
+    saved = load_file(str(out / "model.safetensors"))
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(saved[w], teacher.state_dict()[w])
+
+
+def test_blockwise_needs_a_layer_cut_student(tmp_path, capsys, text):
+    cfg = tmp_path / "student.json"
+    cfg.write_text(json.dumps({"num_hidden_layers": 1}))
+    code, _, err = run(capsys, "distill", "--teacher", "builtin:tiny-llama", "--student-config", cfg,
+                       "--data", text, "--max-steps", "0", "--blockwise-epochs", "2", "--out", tmp_path / "x")
+    assert code == 2 and "--student-layers" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

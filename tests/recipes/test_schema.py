@@ -66,3 +66,20 @@ def test_recipe_file_errors_and_quick(tmp_path):
     assert r.eval.max_tokens == 8192 and r.name == "good"
     r, raw = load_recipe_file(good, ["bench.repeats=2"], quick=True)
     assert r.eval.max_tokens == 64 and r.bench.repeats == 2 and raw["bench"]["repeats"] == 2
+
+
+def test_distill_stage_takes_a_blockwise_fit():
+    from lmslim.recipes.stages import validate_stages
+
+    def recipe(options):
+        return parse_recipe(base(data={"eval": "e.txt", "train": "t.txt"}, stages=[{"distill": options}]))
+
+    stage = validate_stages(recipe({"student_layers": 2, "blockwise": {"epochs": 2, "lr": 1e-3}}))[0]
+    assert type(stage.blockwise).__name__ == "BlockwiseConfig"
+    assert stage.blockwise.epochs == 2 and stage.blockwise.lr == 1e-3
+    for options, message in (({"student_layers": 2, "blockwise": {"epoch": 2}}, "did you mean 'epochs'"),
+                             ({"blockwise": {"epochs": 2}}, "blockwise needs student_layers"),
+                             ({"student_layers": 2, "blockwise": 3}, "blockwise must be a mapping"),
+                             ({"student_layers": 2, "blockwise": {"lr": -1}}, "blockwise.lr must be > 0")):
+        with pytest.raises(UserError, match=message):
+            validate_stages(recipe(options))

@@ -56,3 +56,39 @@ def test_schedules():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([2.0 * x for x in f])
+
+
+@pytest.mark.parametrize("name,kw", [("adamw", {"weight_decay": 0.1}), ("adam", {}), ("adagrad", {}),
+                                     ("sgd", {"momentum": 0.9, "nesterov": True})])
+def test_fused_step_matches_the_per_tensor_loop(name, kw):
+    """optim.fused=auto picks torch's fused kernel on CPU; the trajectory equals the plain loop's up to rounding."""
+    models, opts = [], []
+    for fused in ("auto", "false"):
+        torch.manual_seed(0)
+        model, _ = build_tiny("tiny-llama")
+        opt = build_optimizer(list(model.named_parameters()), OptimConfig(name=name, lr=1e-2, fused=fused, **kw),
+                              [model])
+        models.append(model)
+        opts.append(opt)
+    assert opts[0].defaults.get("fused") is True and not opts[1].defaults.get("fused")
+    ids = torch.randint(3, 200, (2, 12))
+    for _ in range(4):
+        for model, opt in zip(models, opts):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (n, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    moved = any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), build_tiny("tiny-llama")[0].parameters()))
+    assert moved
+
+
+def test_fused_true_is_refused_where_torch_has_none():
+    from lmslim.core.errors import UserError
+
+    with pytest.raises(UserError, match="fused"):
+        OptimConfig(name="rmsprop", fused=True)
+    lin = torch.nn.Linear(4, 2, device="meta")
+    with pytest.raises(UserError, match="no fused"):
+        build_optimizer(list(lin.named_parameters()), OptimConfig(fused="true"), [lin])
+    assert not build_optimizer(list(lin.named_parameters()), OptimConfig(), [lin]).defaults.get("fused")

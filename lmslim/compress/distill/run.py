@@ -99,13 +99,16 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
                 student: str | None = None, student_layers: str | None = None, student_config: Path | None = None,
                 anchor: str = "first", eval_data: str | None = None, untrained: bool = False,
                 resume: bool = False, overwrite: bool = False, device: str = "auto", threads: int | None = None,
-                trust_remote_code: bool = False, teacher_cache: Path | None = None, top_k: int = 64
-                ) -> dict[str, Any]:
+                trust_remote_code: bool = False, teacher_cache: Path | None = None, top_k: int = 64,
+                blockwise: Any = None) -> dict[str, Any]:
     """Distil ``teacher`` into a student and save it (with ``lmslim_distill.json``) in ``out_dir``.
 
     Args:
         untrained: save the initialised student without training (``--max-steps 0``: a baseline).
         teacher_cache, top_k: cache the teacher's top-k logits in this folder and reuse them (clm, logit KD only).
+        blockwise: a :class:`~lmslim.compress.distill.blockwise.BlockwiseConfig`: before KD, re-fit each
+            block of a student cut from the teacher's layers to the teacher blocks it replaces (clm; skipped
+            on ``resume``, whose checkpoint already holds the fitted blocks).
         Other arguments mirror ``lmslim distill``'s options.
 
     Returns:
@@ -145,6 +148,17 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
         "student": {**info, "layers": len(transformer_blocks(s_model)[1]), "params": unique_params(s_model)},
         "distill": distill_config.to_dict(), "data": data, "eval_data": eval_data,
     }
+    use_blockwise = blockwise is not None and blockwise.epochs > 0 and not resume
+    if use_blockwise:
+        import dataclasses
+
+        from lmslim.compress.distill.blockwise import blockwise_distill_, calibration_rows
+
+        if task != "clm":
+            raise UserError("blockwise distillation fits decoder blocks on text (task clm); drop --blockwise-epochs")
+        bw = dataclasses.replace(blockwise, seq_len=min(blockwise.seq_len, train_config.batch.max_length))
+        rows = calibration_rows(tokenize(train_raw, s_tok, "clm", bw.seq_len, True).examples, bw)
+        summary["blockwise"] = blockwise_distill_(t.model, s_model, rows, bw, rt)
     if untrained:
         summary["train"] = None
         with atomic_dir(out_dir) as tmp:

@@ -11,9 +11,10 @@ In ONE run, on the same machine state:
    fused AdamW). Each run's first ``--warmup`` steps are dropped; tokens/s is the median over the
    remaining step intervals (wall time between consecutive step ends, so data loading and the
    optimizer step count for both).
-2. **Peak memory with vs without activation checkpointing** (SmolLM2-135M): each setting runs in a
-   fresh subprocess (peak RSS cannot be reset inside a process); reported as peak RSS and as the
-   increase over the RSS just before the first training step (weights + data loaded).
+2. **Peak memory with vs without activation checkpointing** (SmolLM2-135M), under both
+   ``host_memory`` settings (``reuse`` keeps freed buffers, so it costs resident memory): each setting
+   runs in a fresh subprocess (peak RSS cannot be reset inside a process); reported as peak RSS and as
+   the increase over the RSS just before the first training step (weights + data loaded).
 3. **Bucketed vs fixed-length padding** on variable-length text (wiki paragraphs, no packing,
    small Llama): our loop with length bucketing + dynamic padding + a token budget vs rows padded to
    ``max_length`` in random order. Both report real (non-padding) tokens/s and the padding share.
@@ -198,7 +199,7 @@ def throughput(args, factories, tok) -> dict:
     return out
 
 
-def memory_child(ckpt: bool, batch: int, seq_len: int, steps: int, base: str) -> dict:
+def memory_child(ckpt: bool, batch: int, seq_len: int, steps: int, base: str, host_memory: str = "reuse") -> dict:
     """Runs in a subprocess: peak RSS of training ``base`` with/without activation checkpointing."""
     import psutil
 
@@ -208,22 +209,27 @@ def memory_child(ckpt: bool, batch: int, seq_len: int, steps: int, base: str) ->
     model = factories[base.removeprefix("builtin:")]()
     rows = _rows(tok, seq_len, batch * steps)
     before = psutil.Process().memory_info().rss / 2 ** 20
-    stamps = _ours(model, rows, tok, batch, seq_len, steps, **{"precision.activation_checkpointing": str(ckpt).lower()})
-    return {"activation_checkpointing": ckpt, "rss_before_train_mb": before, "peak_rss_mb": peak_rss_mb(),
+    stamps = _ours(model, rows, tok, batch, seq_len, steps, **{"precision.activation_checkpointing": str(ckpt).lower(),
+                                                               "host_memory": host_memory})
+    return {"activation_checkpointing": ckpt, "host_memory": host_memory, "rss_before_train_mb": before,
+            "peak_rss_mb": peak_rss_mb(),
             "step_s": statistics.median([b - a for a, b in zip(stamps, stamps[1:])][1:] or [stamps[-1] - stamps[0]])}
 
 
 def memory(args) -> list[dict]:
+    """Peak RSS with activation checkpointing off/on, under both host_memory settings (fresh process each)."""
     res = []
-    for ckpt in (False, True, False, True)[:2 * min(args.repeats, 2)]:
-        cmd = [sys.executable, __file__, "--_memory-child", "1" if ckpt else "0", "--batch", str(args.batch),
-               "--seq-len", str(args.mem_seq_len), "--steps", "3", "--base", args.base]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        r = json.loads(line)
-        r["increase_mb"] = r["peak_rss_mb"] - r["rss_before_train_mb"]
-        print(f"  activation checkpointing {ckpt}: peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(+{r['increase_mb']:.0f} MB over weights+data), step {r['step_s']:.2f} s", flush=True)
-        res.append(r)
+    for host in ("reuse", "release"):
+        for ckpt in (False, True, False, True)[:2 * min(args.repeats, 2)]:
+            cmd = [sys.executable, __file__, "--_memory-child", "1" if ckpt else "0", "--batch", str(args.batch),
+                   "--seq-len", str(args.mem_seq_len), "--steps", str(args.mem_steps), "--base", args.base,
+                   "--host-memory", host]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(line)
+            r["increase_mb"] = r["peak_rss_mb"] - r["rss_before_train_mb"]
+            print(f"  host_memory {host}, activation checkpointing {ckpt}: peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"(+{r['increase_mb']:.0f} MB over weights+data), step {r['step_s']:.2f} s", flush=True)
+            res.append(r)
     return res
 
 
@@ -276,6 +282,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--mem-seq-len", type=int, default=256)
+    p.add_argument("--mem-steps", type=int, default=3)
+    p.add_argument("--host-memory", default="reuse", help=argparse.SUPPRESS)
     p.add_argument("--var-len", type=int, default=256)
     p.add_argument("--var-steps", type=int, default=12)
     p.add_argument("--only", default="throughput,memory,bucketing")
@@ -287,7 +295,8 @@ def main() -> None:
         print(json.dumps(throughput_child(args, *args.throughput_child)))
         return
     if args.memory_child is not None:
-        print(json.dumps(memory_child(args.memory_child == "1", args.batch, args.seq_len, args.steps, args.base)))
+        print(json.dumps(memory_child(args.memory_child == "1", args.batch, args.seq_len, args.steps, args.base,
+                                      args.host_memory)))
         return
     parts = args.only.split(",")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}

@@ -108,7 +108,7 @@ def distill(
     blockwise_samples: int = typer.Option(128, "--blockwise-samples", help="Calibration rows for --blockwise-epochs "
                                           "(from --data)."),
     blockwise_seq_len: int = typer.Option(256, "--blockwise-seq-len", help="Tokens per calibration row."),
-    blockwise_lr: float = typer.Option(2e-4, "--blockwise-lr", help="Learning rate of the block-wise fit."),
+    blockwise_lr: float = typer.Option(1e-3, "--blockwise-lr", help="Learning rate of the block-wise fit."),
     config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML (see docs/train.md)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps; 0 saves the initialised "
                                             "student untrained (a baseline)."),

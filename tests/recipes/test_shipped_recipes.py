@@ -32,6 +32,8 @@ def tiny_overrides(recipe, text_file) -> list[str]:
         for key, value in (("calib_samples", 4), ("seq_len", 64)):
             if key in opts:
                 items.append(f"{at}.{key}={value}")
+        if opts.get("blockwise"):
+            items += [f"{at}.blockwise.epochs=1", f"{at}.blockwise.samples=4"]
         if "train" in opts:
             items += [f"{at}.train.max_steps=2", f"{at}.train.batch.batch_size=2", f"{at}.train.batch.max_length=64"]
             if "eval" in opts["train"]:

@@ -69,10 +69,10 @@ class BlockwiseConfig:
     """
 
     epochs: int = 4
-    lr: float = 2e-4
+    lr: float = 1e-3
     samples: int = 128
     seq_len: int = 256
-    batch_size: int = 8
+    batch_size: int = 2
     grad_clip: float = 1.0
     seed: int = 0
 

@@ -26,7 +26,7 @@ file, so rows can run in separate invocations (one lock hold each) and later row
 numbers (``decode`` loads the student the ``kd`` row saved to ``--save-dir``). Run (heavy: hold the
 shared lock, one row per hold)::
 
-    for row in base ft kd kd-hidden share-kd decode; do
+    for row in base ft kd kd-hidden bw bw-kd share-kd decode; do
         flock /tmp/lmslim-heavy.lock .venv/bin/python benchmarks/distill_bench.py --only $row \
             --steps 60 --eval-tokens 2048 --json runs/distill/bench.json
     done

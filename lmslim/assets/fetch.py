@@ -169,6 +169,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    from lmslim.core.io import check_saved_model
+
+    check_saved_model(out)
 
 
 def fetch_smollm2(verify: bool = False) -> Path:

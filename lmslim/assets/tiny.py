@@ -16,7 +16,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
     PreTrainedModel, PreTrainedTokenizerFast
 
 from lmslim.core import paths
-from lmslim.core.io import atomic_dir, file_lock
+from lmslim.core.io import atomic_dir, check_saved_model, file_lock
 
 SEED = 0
 
@@ -92,4 +92,5 @@ def tiny_path(name: str) -> Path:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+            check_saved_model(tmp)
     return target

@@ -170,9 +170,15 @@ def distill(
 
         launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
         return
+    from lmslim.core.models import resolve
     from lmslim.core.runtime import Runtime
     from lmslim.train import distributed
 
+    # Build cached assets before joining the process group: once it is up, transformers' save_pretrained
+    # writes nothing on ranks other than 0.
+    for spec in (teacher, student):
+        if spec:
+            resolve(spec)
     # Under torchrun: join the process group before any rank writes (run_distill clears --out on rank 0).
     distributed.setup(Runtime.create(device=device, threads=threads), tcfg.distributed.timeout_s)
     summary = run_distill(

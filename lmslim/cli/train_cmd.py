@@ -86,8 +86,14 @@ def train(
 
         launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
         return
+    from lmslim.core.models import resolve
     from lmslim.train import distributed
 
+    # Build cached assets (tiny models, GGUF conversions, fetched models) BEFORE joining the process group:
+    # once it is up, transformers' save_pretrained writes nothing on ranks other than 0.
+    for spec in (model, tokenizer):
+        if spec and not spec.startswith("config:"):
+            resolve(spec)
     # Under torchrun: join the process group now, before any rank writes into --out.
     rt = distributed.setup(Runtime.create(device=device, threads=threads), cfg.distributed.timeout_s)
     train_data = load_data(data, task=task, text_column=text_column, label_column=label_column)

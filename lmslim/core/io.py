@@ -94,6 +94,21 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_saved_model(folder: str | os.PathLike) -> None:
+    """Refuse to publish a ``save_pretrained`` folder that holds no config or weights.
+
+    transformers (5.x) silently skips writing model files on a non-zero rank once ``torch.distributed``
+    is initialised; a cached asset built there would be published without its weights. Assets are
+    therefore built before the process group starts (the CLIs resolve model specs first); this check
+    turns any other such path into an error instead of a broken cache.
+    """
+    folder = Path(folder)
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("pytorch_model*.bin"))
+    if not (folder / "config.json").is_file() or not weights:
+        raise RuntimeError(f"save_pretrained wrote no model files into {folder} (transformers skips saving on "
+                           "non-zero torch.distributed ranks); build assets before the process group starts")
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Exclusive inter-process lock on ``path`` (created if missing): one builder at a time.

@@ -112,6 +112,28 @@ def test_fsdp_resume_continues_exactly(text, tmp_path):
     assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "cut")) == 0.0
 
 
+def test_ranks_build_a_missing_asset_before_the_process_group(text, tmp_path, monkeypatch):
+    """On a fresh $LMSLIM_HOME both ranks race to build builtin:tiny-llama. Once the process group is up,
+    transformers' save_pretrained writes nothing on rank 1, so a build there used to publish a folder
+    without weights (and rank 0 rebuilt it under rank 1's feet): about one launch in two failed."""
+    for i in range(3):
+        monkeypatch.setenv("LMSLIM_HOME", str(tmp_path / f"home{i}"))
+        train(text, tmp_path / f"out{i}", "--max-steps", "1", "batch.batch_size=2", nproc=2)
+        built = tmp_path / f"home{i}" / "models" / "tiny-llama"
+        assert (built / "config.json").is_file() and (built / "model.safetensors").is_file()
+
+
+def test_a_save_without_model_files_is_not_published(tmp_path):
+    from lmslim.core.io import check_saved_model
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="non-zero torch.distributed ranks"):
+        check_saved_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    check_saved_model(tmp_path)
+
+
 @pytest.mark.parametrize("hook", ["fp16", "powersgd"])
 def test_compression_hooks_train_and_send_fewer_bytes(text, tmp_path, hook):
     # Tiny buckets: several buckets in flight at once (PowerSGD's chained all-reduces once mis-ordered there).

@@ -141,15 +141,13 @@ def row_base(sm: Smollm, rows: dict) -> None:
 
 def blockwise_fit(sm: Smollm, student, row: dict) -> None:
     """Fit the cut student's blocks to the teacher spans they replace (lmslim.compress.distill.blockwise)."""
-    from lmslim.compress.distill.blockwise import BlockwiseConfig, blockwise_distill_, calibration_rows
+    from lmslim.compress.distill.blockwise import BlockwiseConfig, fit_on_data
 
     a = sm.args
     cfg = BlockwiseConfig(epochs=a.bw_epochs, lr=a.bw_lr, samples=a.bw_samples, seq_len=a.bw_seq,
                           batch_size=a.bw_batch)
-    texts = tokenize(load_data("builtin:wiki:train", "clm"), sm.tok, "clm", max_length=cfg.seq_len, pack=True)
-    rows = calibration_rows(texts.examples, cfg)
     t0 = time.perf_counter()
-    rep = blockwise_distill_(sm.teacher, student, rows, cfg, sm.rt)
+    rep = fit_on_data(sm.teacher, student, load_data("builtin:wiki:train", "clm"), sm.tok, cfg, sm.rt)
     row["blockwise"] = {"config": rep["config"], "rows": rep["rows"], "seconds": time.perf_counter() - t0,
                         "relative_error": [[round(b["loss_before"], 4), round(b["loss_after"], 4)]
                                            for b in rep["blocks"]]}

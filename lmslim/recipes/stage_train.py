@@ -57,7 +57,6 @@ def _parse_finetune(options: dict) -> TrainStage:
 
 def _parse_distill(options: dict) -> TrainStage:
     from lmslim.compress.distill import DistillConfig
-
     from lmslim.compress.distill.blockwise import BlockwiseConfig
 
     where = "stage distill"
@@ -156,16 +155,13 @@ def _run_distill(lm, stage: TrainStage, ctx: StageContext):
         lm.model = student_from_layers(lm.model, layers)
     blockwise_report = None
     if stage.blockwise is not None and stage.blockwise.epochs > 0:
-        from lmslim.compress.distill.blockwise import blockwise_distill_, calibration_rows
+        from lmslim.compress.distill.blockwise import fit_on_data
         from lmslim.data.spec import load_data
-        from lmslim.train.data import tokenize
 
         if task != "clm":
             raise UserError("stage distill: blockwise fits decoder blocks on text; it needs eval.task clm")
-        bw = dataclasses.replace(stage.blockwise, seq_len=min(stage.blockwise.seq_len, stage.train.batch.max_length))
-        texts = tokenize(load_data(ctx.recipe.data.train, task="clm"), lm.tokenizer, "clm", bw.seq_len, True)
-        blockwise_report = blockwise_distill_(teacher.model, lm.model, calibration_rows(texts.examples, bw), bw,
-                                              ctx.runtime)
+        blockwise_report = fit_on_data(teacher.model, lm.model, load_data(ctx.recipe.data.train, task="clm"),
+                                       lm.tokenizer, stage.blockwise, ctx.runtime, stage.train.batch.max_length)
     config = dataclasses.replace(stage.distill, task=task)
     model, tok, report = _run_training(lm, dataclasses.replace(stage, distill=config), ctx, task,
                                        teacher=teacher.model)

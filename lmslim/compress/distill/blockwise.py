@@ -118,6 +118,23 @@ def calibration_rows(examples: list[dict[str, Any]], config: BlockwiseConfig) ->
     return torch.tensor([rows[i] for i in order], dtype=torch.long)  # (N, T)
 
 
+def fit_on_data(teacher: nn.Module, student: nn.Module, data: Any, tokenizer: Any, config: BlockwiseConfig,
+                runtime: Any, max_length: int | None = None) -> dict[str, Any]:
+    """:func:`blockwise_distill_` on calibration rows cut from loaded clm text (a :class:`~lmslim.data.spec.Data`).
+
+    ``max_length`` (the training rows' length) caps ``config.seq_len``, so the fit never sees longer rows
+    than the KD that follows it.
+    """
+    from dataclasses import replace
+
+    from lmslim.train.data import tokenize
+
+    if max_length is not None:
+        config = replace(config, seq_len=min(config.seq_len, max_length))
+    rows = calibration_rows(tokenize(data, tokenizer, "clm", config.seq_len, True).examples, config)
+    return blockwise_distill_(teacher, student, rows, config, runtime)
+
+
 def _kept_layers(student: nn.Module, n_teacher: int) -> list[int]:
     info = getattr(student.config, "lmslim_student", None) or {}
     kept = info.get("kept")

@@ -150,15 +150,12 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
     }
     use_blockwise = blockwise is not None and blockwise.epochs > 0 and not resume
     if use_blockwise:
-        import dataclasses
-
-        from lmslim.compress.distill.blockwise import blockwise_distill_, calibration_rows
+        from lmslim.compress.distill.blockwise import fit_on_data
 
         if task != "clm":
             raise UserError("blockwise distillation fits decoder blocks on text (task clm); drop --blockwise-epochs")
-        bw = dataclasses.replace(blockwise, seq_len=min(blockwise.seq_len, train_config.batch.max_length))
-        rows = calibration_rows(tokenize(train_raw, s_tok, "clm", bw.seq_len, True).examples, bw)
-        summary["blockwise"] = blockwise_distill_(t.model, s_model, rows, bw, rt)
+        summary["blockwise"] = fit_on_data(t.model, s_model, train_raw, s_tok, blockwise, rt,
+                                           train_config.batch.max_length)
     if untrained:
         summary["train"] = None
         with atomic_dir(out_dir) as tmp:

@@ -114,8 +114,9 @@ def _ours(model, rows, tok, batch: int, seq_len: int, steps: int, **cfg_over) ->
     return stamps
 
 
-def _hf(model, rows, batch: int, steps: int, optim: str | None = None) -> list[float]:
-    """Step-end timestamps of transformers.Trainer over the same rows (its default optimizer unless ``optim``)."""
+def _hf(model, rows, batch: int, steps: int, optim: str | None = None) -> tuple[list[float], str]:
+    """Step-end timestamps of transformers.Trainer over the same rows (its default optimizer unless ``optim``),
+    and the name of the optimizer it used."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     data = [{"input_ids": torch.tensor(r), "attention_mask": torch.ones(len(r), dtype=torch.long),
@@ -139,10 +140,9 @@ def _hf(model, rows, batch: int, steps: int, optim: str | None = None) -> list[f
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
                           callbacks=[Clock()])
         trainer.train()
-        stamps.append(type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                           else trainer.optimizer).__name__ + (" fused" if trainer.optimizer.defaults.get("fused")
-                                                               else ""))
-    return stamps
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # unwrap accelerate's wrapper
+        name = type(opt).__name__ + (" fused" if opt.defaults.get("fused") else "")
+    return stamps, name
 
 
 def _tps(stamps: list[float], warmup: int, tokens_per_step: int) -> float:
@@ -166,8 +166,7 @@ def throughput_child(args, model_name: str, setting: str) -> dict:
     over = SETTINGS[setting]
     model = factories[model_name]()
     if over is None:
-        stamps = _hf(model, rows, args.batch, args.steps)
-        optim = stamps.pop()
+        stamps, optim = _hf(model, rows, args.batch, args.steps)
     else:
         stamps = _ours(model, rows, tok, args.batch, args.seq_len, args.steps, **over)
         optim = "AdamW fused" if over.get("optim.fused") != "false" else "AdamW"

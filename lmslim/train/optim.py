@@ -6,7 +6,7 @@ embeddings only when ``decay_embeddings`` is true.
 
 Example:
     >>> import torch
-    >>> from lmslim.train.config import FUSED_OPTIMIZERS, OptimConfig, ScheduleConfig
+    >>> from lmslim.train.config import OptimConfig, ScheduleConfig
     >>> from lmslim.train.optim import build_optimizer, build_scheduler
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     >>> opt = build_optimizer(list(model.named_parameters()), OptimConfig(lr=1e-3, weight_decay=0.1), [model])

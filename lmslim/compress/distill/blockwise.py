@@ -145,18 +145,24 @@ def _kept_layers(student: nn.Module, n_teacher: int) -> list[int]:
 
 
 def _fit_block(block: nn.Module, inputs: list[BlockInput], targets: list[torch.Tensor], config: BlockwiseConfig,
-               generator: torch.Generator) -> tuple[float, float]:
-    """Train one block on (input, target) pairs; returns the loss over all rows before and after."""
+               generator: torch.Generator) -> tuple[float, float, list[torch.Tensor]]:
+    """Train one block on (input, target) pairs.
+
+    Returns:
+        The loss over all rows before and after training, and the trained block's outputs (the next
+        block's inputs; computed once, with the "after" loss).
+    """
 
     @torch.no_grad()
-    def full_loss() -> float:
-        total, n = 0.0, 0
+    def full_pass() -> tuple[float, list[torch.Tensor]]:
+        total, n, outputs = 0.0, 0, []
         for inp, tgt in zip(inputs, targets):
-            total += float(relative_error(run_block(block, inp), tgt)) * tgt.shape[0]
+            outputs.append(run_block(block, inp))
+            total += float(relative_error(outputs[-1], tgt)) * tgt.shape[0]
             n += tgt.shape[0]
-        return total / n
+        return total / n, outputs
 
-    before = full_loss()
+    before, _ = full_pass()
     params = [p for p in block.parameters() if p.requires_grad]
     steps = config.epochs * len(inputs)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -173,7 +179,8 @@ def _fit_block(block: nn.Module, inputs: list[BlockInput], targets: list[torch.T
             sched.step()
             opt.zero_grad(set_to_none=True)
     block.eval()
-    return before, full_loss()
+    after, outputs = full_pass()
+    return before, after, outputs
 
 
 @DISTILLERS.register("blockwise", BlockwiseConfig)
@@ -220,9 +227,8 @@ def blockwise_distill_(teacher: nn.Module, student: nn.Module, rows: torch.Tenso
             with torch.no_grad():
                 for j in range(start, end):
                     t_stream = [run_block(t_blocks[j], BlockInput(h, inp.kwargs)) for h, inp in zip(t_stream, inputs)]
-            before, after = _fit_block(s_blocks[i], s_inputs, t_stream, config, g)
-            with torch.no_grad():
-                s_inputs = [BlockInput(run_block(s_blocks[i], inp), inp.kwargs) for inp in s_inputs]
+            before, after, outputs = _fit_block(s_blocks[i], s_inputs, t_stream, config, g)
+            s_inputs = [BlockInput(h, inp.kwargs) for h, inp in zip(outputs, s_inputs)]
             report["blocks"].append({"block": i, "teacher_span": [start, end], "loss_before": before,
                                      "loss_after": after})
             if runtime.is_main:

@@ -32,10 +32,10 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmslim.core.errors import UserError
+from lmslim.core.safeyaml import parse_value
 
 
 class _Strict(BaseModel):
@@ -168,10 +168,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 if not isinstance(node, (dict, list)):
                     raise UserError(f"override {key}: {'.'.join(parts[:j + 1])} is not a section")
         leaf = parts[-1]
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
+        parsed = parse_value(value, f"override {key.strip()[:80]}")
         if isinstance(node, list):
             if not leaf.isdigit() or int(leaf) >= len(node):
                 raise UserError(f"override {key}: no list item {leaf}")
@@ -186,18 +183,10 @@ def load_recipe_file(path: str | Path, overrides: list[str] = (), quick: bool = 
 
     With ``quick``, the recipe's own ``quick`` overrides apply first, then ``overrides``.
     """
+    from lmslim.core.safeyaml import load_yaml_file
+
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"recipe {path} is not valid YAML{where}: {problem}") from e
-    except UnicodeDecodeError as e:
-        raise UserError(f"recipe {path} is not a text file") from e
+    raw = load_yaml_file(p, f"recipe {path}")
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path}: a recipe must be a YAML mapping with model/data/stages")
     if quick:

@@ -301,17 +301,11 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
         """Load a YAML file (or only defaults when ``path`` is None) and apply overrides."""
-        import yaml
+        from lmslim.core.safeyaml import load_yaml_file
 
         data: dict[str, Any] = {}
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise UserError(f"config file {path} does not exist")
-            try:
-                data = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from e
+            data = load_yaml_file(path, f"config file {path}") or {}
             if not isinstance(data, dict):
                 raise UserError(f"{path} must hold a mapping (key: value), not a {type(data).__name__}")
         return cls.from_dict(data, overrides)
@@ -389,13 +383,10 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def _parse_scalar(raw: str) -> Any:
-    import yaml
+    from lmslim.core.safeyaml import parse_value
 
     raw = raw.strip()
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        return raw
+    value = parse_value(raw, "override value") if raw else ""
     # YAML 1.1 reads "1e-4" as a string; numbers written that way are common for learning rates.
     if isinstance(value, str):
         try:

@@ -152,9 +152,13 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     kw = {"gguf_file": gguf.name}
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        src, info = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, output_loading_info=True,
+                                                         ignore_mismatched_sizes=True, **kw)
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
         raise UserError(f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {e})") from e
+    from lmslim.core.models import check_loading_info
+
+    check_loading_info(src, info, str(gguf))  # a tensor the file lacks would be initialised at random
     config = src.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -49,8 +49,9 @@ def write_json(path: Optional[Path], obj: dict) -> None:
         out.print(f"wrote {path}")
 
 
-def check_out(path: Optional[Path]) -> None:
+def check_out(path: Optional[Path], inputs=(), flag: str = "--json") -> None:
+    """A result file: writable, not a folder, not one of ``inputs`` (specs or paths) nor inside them."""
     if path is not None:
-        from lmslim.core.io import check_writable_target
+        from lmslim.core.guard import check_output
 
-        check_writable_target(path)
+        check_output(path, inputs=inputs, folder=False, flag=flag)

@@ -14,14 +14,6 @@ from lmslim.cli.launch import MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankO
 from lmslim.core.errors import UserError
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> None:
-    from lmslim.core.io import check_writable_target
-
-    if out_dir.exists() and not (overwrite or resume):
-        raise UserError(f"output {out_dir} already exists; choose a new --out or pass --overwrite")
-    check_writable_target(out_dir / "config.json")
-
-
 @app.command()
 def share(
     model: str = typer.Argument(..., help="Model spec (full precision, not already shared)."),
@@ -40,6 +32,7 @@ def share(
     ``lmslim distill --teacher MODEL --student OUT ...``.
     """
     from lmslim.compress.share import ShareConfig, save_shared, share_
+    from lmslim.core.guard import check_output
     from lmslim.core.io import atomic_dir
     from lmslim.core.models import load_model, resolve
     from lmslim.core.runtime import Runtime
@@ -47,7 +40,7 @@ def share(
     config = ShareConfig(group_size=group_size, init=init, index=index, keep_norms=keep_norms)
     if task not in ("auto", "clm", "embed"):
         raise UserError(f"share --task must be auto, clm or embed, got {task!r}")
-    _check_out_dir(out_dir, overwrite)
+    held = check_output(out_dir, inputs=[model], overwrite=overwrite)  # noqa: F841 - held until the command returns
     rt = Runtime.create(device="cpu", threads=threads)
     if task == "auto":
         from lmslim.cli.main import _causal_or_embed
@@ -162,7 +155,12 @@ def distill(
     tcfg = TrainConfig.from_yaml(config, items)
     if max_steps == 0 and resume:
         raise UserError("--max-steps 0 saves the untrained student; there is nothing to --resume")
-    check_out_dir(out_dir, resume, overwrite)
+    inputs = [teacher, student, student_config, data, eval_data, config]
+    stale, held = check_out_dir(out_dir, resume, overwrite, inputs)
+    if teacher_cache is not None:
+        from lmslim.core.guard import check_no_overlap
+
+        check_no_overlap(teacher_cache, [*inputs, out_dir], "--teacher-cache")
     if nproc is not None:
         if max_steps == 0:
             raise UserError("--max-steps 0 only saves the initialised student; drop --nproc")
@@ -184,7 +182,7 @@ def distill(
     summary = run_distill(
         teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
         anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,
-        untrained=max_steps == 0, resume=resume, overwrite=overwrite, device=device, threads=threads,
+        untrained=max_steps == 0, resume=resume, overwrite=overwrite or stale, device=device, threads=threads,
         trust_remote_code=trust_remote_code, teacher_cache=teacher_cache, top_k=top_k,
         blockwise=blockwise if blockwise.epochs else None)
     s = summary["student"]

@@ -15,8 +15,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmslim.cli.common import (DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, check_out, quiet_libraries, write_json,
-                               app, out)
+from lmslim.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, app, check_out, out, quiet_libraries, write_json
 from lmslim.core.errors import UserError
 
 @app.command()
@@ -62,7 +61,7 @@ def eval_cmd(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"--max-tokens must be >= 2, got {max_tokens}")
-    check_out(json_out)
+    check_out(json_out, [model, data, reference])
     rt = Runtime.create(device=device, threads=threads)
     ds = load_data(data, task=task, text_column=text_column, label_column=label_column)
     lm = load_model(model, task=task, dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
@@ -117,7 +116,7 @@ def bench(
     cfg = BenchConfig(batch=batch, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, warmup=warmup)
     if task not in ("auto", "clm", "embed"):
         raise UserError(f"bench --task must be auto, clm or embed, got {task!r}")
-    check_out(json_out)
+    check_out(json_out, [model])
     rt = Runtime.create(device=device, threads=threads)
     if task == "auto":
         task = _causal_or_embed(resolve(model))
@@ -177,15 +176,14 @@ def quantize(
 
     from lmslim.compress.quantize import QUANTIZERS, quantize_
     from lmslim.compress.quantize.serialize import save_quantized
-    from lmslim.core.io import atomic_dir, check_writable_target
+    from lmslim.core.guard import check_output
+    from lmslim.core.io import atomic_dir
     from lmslim.core.models import load_model
     from lmslim.core.runtime import Runtime
     from lmslim.measure.bench import peak_rss_mb
 
     cls = QUANTIZERS.config_class(method)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output {out_dir} already exists; choose a new --out or pass --overwrite")
-    check_writable_target(out_dir / "config.json")
+    held = check_output(out_dir, inputs=[model, calib], overwrite=overwrite)  # noqa: F841 - held until the command returns
     kwargs: dict = {"kernel": kernel, "include_lm_head": include_lm_head, "targets": tuple(target),
                     "ignore": tuple(ignore)}
     if method in ("rtn", "gptq", "awq"):
@@ -242,8 +240,8 @@ def compare_cmd(results: list[Path] = typer.Argument(..., help="eval/bench JSON 
     from lmslim.core.io import atomic_write_text
     from lmslim.measure.compare import compare, to_markdown
 
-    check_out(json_out)
-    check_out(markdown)
+    check_out(json_out, results)
+    check_out(markdown, results, "--markdown")
     rows = compare([str(p) for p in results])
     md = to_markdown(rows)
     print(md, end="")
@@ -301,6 +299,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if os.environ.get("LMSLIM_DEBUG"):
             raise
+        from lmslim.core.errors import clip
+        from lmslim.core.io import storage_error
+
+        if isinstance(e, OSError) and e.errno is not None and e.strerror:
+            # The machine refused (permissions, no space, a vanished file): the user can fix it.
+            where = f": {clip(e.filename)}" if e.filename else ""
+            sys.stderr.write(f"error: {e.strerror}{where}\n")
+            return 2
+        if (err := storage_error(e, "the output")) is not None:
+            sys.stderr.write(f"error: {err}\n")
+            return 2
         if "LOCAL_RANK" in os.environ and _lost_peer(e):
             sys.stderr.write(f"error: [rank {rank}] stopped: another worker of the job exited or cannot be "
                              "reached\n")

@@ -26,6 +26,7 @@ def compress(
 ) -> None:
     """Run a recipe's stages, measuring quality and cost before and after each; resumable."""
     from lmslim.recipes.run import compress as run_compress
+    from lmslim.recipes.run import recipe_inputs
     from lmslim.recipes.schema import load_recipe_file
 
     # Typer cannot mix an optional positional with trailing key=value items; sort them out here.
@@ -37,8 +38,12 @@ def compress(
     spec = model or r.model
     if spec is None:
         raise UserError("no model: give MODEL or set model: in the recipe")
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output {out_dir} already exists; choose a new --out or pass --overwrite")
+    from lmslim.core.guard import check_no_overlap, check_output
+
+    held = check_output(out_dir, inputs=[spec, recipe, *recipe_inputs(r)], overwrite=overwrite)  # noqa: F841
+    if measure_cache is not None:
+        check_no_overlap(measure_cache, [spec, recipe, *recipe_inputs(r), out_dir], "--measure-cache")
+    held.release()  # run_compress takes it again, with the same checks, for Python callers too
     results = run_compress(spec, r, raw, out_dir, overwrite=overwrite, threads=threads, measure_cache=measure_cache)
     _print_variants(results)
     out.print(f"wrote {out_dir} (final model in {out_dir / 'model'})")
@@ -65,8 +70,9 @@ def report(runs: list[Path] = typer.Argument(..., help="compress output folders;
     """Quality-vs-cost report with a Pareto chart and a per-variant speed verdict."""
     from lmslim.report.build import build_report
 
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output {out_dir} already exists; choose a new --out or pass --overwrite")
+    from lmslim.core.guard import check_output
+
+    held = check_output(out_dir, inputs=runs, overwrite=overwrite)  # noqa: F841 - held until the command returns
     res = build_report(runs, out_dir)
     front = [r["name"] for r in res["rows"] if r["pareto"]]
     out.print(f"{len(res['rows'])} variants; Pareto front: {', '.join(front) or '–'}")

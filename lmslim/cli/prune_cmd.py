@@ -102,20 +102,17 @@ def prune(
     import time
 
     from lmslim.compress.prune import prune_, save_pruned
-    from lmslim.core.io import atomic_dir, check_writable_target
+    from lmslim.core.guard import check_output
+    from lmslim.core.io import atomic_dir
     from lmslim.core.models import load_model
     from lmslim.core.runtime import Runtime
     from lmslim.measure.bench import peak_rss_mb
 
     config = build_config(method, sparsity, n_m, drop_layers, drop_heads, scope, target, ignore, layer_sparsity,
                           include_lm_head, damp)
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"output {out_dir} already exists; choose a new --out or pass --overwrite")
-    check_writable_target(out_dir / "config.json")
+    held = check_output(out_dir, inputs=[model, calib], overwrite=overwrite)  # noqa: F841 - held until the command returns
     rt = Runtime.create(device="cpu", threads=threads)
     lm = load_model(model, task="clm", dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
-    if lm.resolved.path is not None and out_dir.resolve() == lm.resolved.path.resolve():
-        raise UserError("--out is the input model's folder; the input is never modified, choose another --out")
     calib_ids = None
     if getattr(config, "needs_calibration", False):
         from lmslim.data.calib import calibration_ids

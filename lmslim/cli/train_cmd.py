@@ -15,25 +15,47 @@ from lmslim.core.errors import UserError
 TRAIN_TASKS = ("clm", "seq-cls", "token-cls")
 
 
-def check_out_dir(path: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an unusable output folder before any work starts."""
+# What a run leaves in --out before its first checkpoint: nothing worth keeping, nothing to resume.
+_START_FILES = {"train_config.json", "metrics.jsonl", "tensorboard", "lmslim_distill.json"}
+
+
+def _killed_before_first_checkpoint(path: Path) -> bool:
+    """--out holds only what a run writes before its first checkpoint (it was stopped before one)."""
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    ckpts = path / "checkpoints"
+    if "checkpoints" in names and ckpts.is_dir() and not any(ckpts.iterdir()):
+        names.discard("checkpoints")  # created but never filled
+    return bool(names) and names <= _START_FILES
+
+
+def check_out_dir(path: Path, resume: bool, overwrite: bool, inputs: list = ()):
+    """Refuse an unusable output folder before any work starts.
+
+    Returns:
+        ``(stale, lock)``: ``stale`` is True when ``path`` holds only the start of a run that was
+        stopped before its first checkpoint (a plain re-run starts over there, the caller clears it;
+        ``--resume`` is refused); ``lock`` is the output lock the caller holds while it runs.
+    """
+    from lmslim.core.guard import check_output
+
     if resume and overwrite:
         raise UserError("--resume continues the run in --out, --overwrite starts it again; pass only one")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output {path} is a file; --out must be a folder")
+    stale = _killed_before_first_checkpoint(path)
     if resume:
+        if stale:
+            raise UserError(f"nothing to resume: the run in {path} stopped before its first checkpoint; run the "
+                            "same command without --resume to start it over")
         if not (path / "checkpoints").is_dir():
             raise UserError(f"nothing to resume: {path} holds no checkpoints; drop --resume to start a new run")
-    elif path.is_dir() and any(path.iterdir()) and not overwrite:
+    elif path.is_dir() and not any(path.iterdir()):
+        stale = True  # an empty folder: nothing to lose
+    elif path.is_dir() and not (overwrite or stale):
         raise UserError(f"output {path} already exists and is not empty; choose a new --out, pass --resume to "
                         "continue its run, or --overwrite to start again")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"cannot create {path}: {probe} is a file, not a folder; choose another --out")
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write {path}: {probe} is not writable; choose another --out")
+    lock = check_output(path, inputs=inputs, overwrite=overwrite or stale, resume=resume)
+    return stale and path.exists(), lock
 
 
 @app.command()
@@ -80,7 +102,7 @@ def train(
             raise UserError(f"--max-steps must be >= 1, got {max_steps}")
         items.append(f"max_steps={max_steps}")
     cfg = TrainConfig.from_yaml(config, items)
-    check_out_dir(out_dir, resume, overwrite)
+    stale, held = check_out_dir(out_dir, resume, overwrite, [model, tokenizer, data, eval_data, config])
     if nproc is not None:
         from lmslim.cli.launch import launch
 
@@ -102,7 +124,7 @@ def train(
     labels = [str(v) for _, v in sorted(lm.model.config.id2label.items())] if task != "clm" else None
     ts = tokenize(train_data, lm.tokenizer, task, cfg.batch.max_length, cfg.batch.pack, labels)
     vs = tokenize(valid, lm.tokenizer, task, cfg.batch.max_length, cfg.batch.pack, labels) if valid else None
-    if overwrite and out_dir.exists() and rt.is_main:
+    if (overwrite or stale) and out_dir.exists() and rt.is_main:
         shutil.rmtree(out_dir)
     distributed.barrier(rt)
     result = run_train(lm.model, ts, cfg, rt, eval_data=vs, out_dir=out_dir, resume=resume)

@@ -7,6 +7,7 @@ never sees half a file and an interrupted run never leaves a truncated result be
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmslim.core.errors import UserError
+from lmslim.core.faults import failpoint
+
+
+# Failures of the machine the user can fix: no space, a quota, a read-only or vanished location.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# Libraries that write through their own I/O layer (safetensors in Rust, torch's zip writer) raise
+# their own exception types; these fragments of their messages mean the same conditions.
+_DISK_FULL_TEXT = ("No space left", "StorageFull", "os error 28", "Disk quota", "file write failed",
+                   "Read-only file system", "os error 30")
+
+
+def storage_error(e: BaseException, path: str | os.PathLike) -> UserError | None:
+    """A :class:`UserError` for a write that failed because of the disk (full, quota, read-only), else None."""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code in _USER_ERRNOS or any(s in text for s in _DISK_FULL_TEXT):
+        reason = os.strerror(code) if code in _USER_ERRNOS else next(s for s in _DISK_FULL_TEXT if s in text)
+        if reason in ("file write failed", "StorageFull", "os error 28"):
+            reason = "No space left on device"
+        return UserError(f"cannot write {path}: {reason}; free space or choose another location (nothing "
+                         "partial was kept)")
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,10 +65,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are ordinary files
+        failpoint("write")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if (err := storage_error(e, path)) is not None:
+            raise err from e
         raise
     _fsync_dir(parent)
     return path
@@ -80,18 +106,45 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     On failure the temporary directory is removed and ``final`` is left as it was.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    except OSError as e:
+        raise storage_error(e, final) or UserError(f"cannot write {final}: {e.strerror or e}") from e
     try:
         yield tmp
+        _fsync_tree(tmp)  # the files are on disk before the rename makes them visible
+        failpoint("publish")
         if final.exists():
-            shutil.rmtree(final)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        os.replace(tmp, final)
+            old = final.parent / f".{final.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)  # the previous result survives until the new one is in place
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+            os.replace(tmp, final)
+        os.chmod(final, 0o755)
         _fsync_dir(final.parent)
+    except BaseException as e:
+        if (err := storage_error(e, final)) is not None:
+            raise err from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
 
 
 def check_saved_model(folder: str | os.PathLike) -> None:

@@ -137,15 +137,28 @@ def _resolve_builtin(spec: str) -> ResolvedModel:
 def _resolve_gguf(spec: str, path: Path) -> ResolvedModel:
     from lmslim.assets.fetch import convert_gguf
     from lmslim.core import paths
-    from lmslim.core.io import atomic_dir
+    from lmslim.core.io import atomic_dir, file_lock
     from lmslim.core.progress import status
 
     digest = sha256_file(path)
     target = paths.models_dir() / "gguf" / f"{path.stem}-{digest[:12]}"
     if not (target / "config.json").is_file():
-        with atomic_dir(target) as tmp, status(f"dequantizing {path.name} to fp32"):
-            convert_gguf(path, tmp)
+        _check_gguf(path)  # before anything is created in the cache
+        with file_lock(target.parent / f".{target.name}.lock"):  # one converter at a time per file
+            if not (target / "config.json").is_file():
+                with atomic_dir(target) as tmp, status(f"dequantizing {path.name} to fp32"):
+                    convert_gguf(path, tmp)
     return ResolvedModel(spec, "gguf", target)
+
+
+def _check_gguf(path: Path) -> None:
+    """A readable GGUF header (magic, version, metadata, tensor table), or a one-line error."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises many types for a damaged file
+        raise UserError(f"{path} could not be read as a GGUF model ({type(e).__name__}: {e})") from e
 
 
 def validate_folder(path: Path) -> None:
@@ -256,8 +269,11 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
 
             model = load_pruned(resolved.path, config, _auto_class(task))
         else:
-            model = _auto_class(task).from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                      **({"config": config} if new_head_labels else {}))
+            model, info = _auto_class(task).from_pretrained(
+                where, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # mismatches are reported below by name, not as a generic error
+                **({"config": config} if new_head_labels else {}))
+            check_loading_info(model, info, spec, new_head=new_head_labels is not None)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -267,6 +283,39 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
     if resolved.source == "hub":
         resolved.path = _hub_snapshot(spec)
     return LoadedModel(model=model, tokenizer=tokenizer, resolved=resolved, task=task)
+
+
+def check_loading_info(model: Any, info: dict, spec: str, *, new_head: bool = False) -> None:
+    """Refuse a model whose stored tensors do not fit its architecture.
+
+    transformers initialises any parameter the checkpoint lacks (or holds in another shape) at random
+    and only logs a report, so a folder whose ``config.json`` and weights disagree would otherwise be
+    measured as a random model. Allowed differences: parts the loaded class does not use when it is
+    another class than the one saved (a base model loaded from a checkpoint with an LM head, a
+    token classifier loaded from an encoder with a pooler), and, with ``new_head``, the new
+    classification head.
+
+    Raises:
+        UserError: naming the first few missing, unexpected and wrongly shaped tensors.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    saved_as = _architectures(getattr(model, "config", None))
+    other_class = getattr(model, "base_model", model) is model or (saved_as and type(model).__name__ not in saved_as)
+
+    def in_base(key: str) -> bool:
+        return bool(prefix) and (key == prefix or key.startswith(prefix + "."))
+
+    missing = sorted(k for k in info.get("missing_keys") or () if not (new_head and not in_base(k)))
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not (other_class and not in_base(k)))
+    mismatched = [f"{k} (file {tuple(a)}, model {tuple(b)})" for k, a, b in
+                  sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])]
+    problems = [(f"{len(v)} missing", v) for v in (missing,) if v]
+    problems += [(f"{len(v)} unexpected", v) for v in (unexpected,) if v]
+    problems += [(f"{len(v)} wrongly shaped", v) for v in (mismatched,) if v]
+    if problems:
+        detail = "; ".join(f"{label}: {', '.join(v[:3])}{' …' if len(v) > 3 else ''}" for label, v in problems)
+        raise UserError(f"{spec}: its weights do not fit its config.json ({detail}); the folder mixes files of "
+                        "different models or was saved incompletely; re-export it")
 
 
 def _hub_snapshot(spec: str) -> Path | None:

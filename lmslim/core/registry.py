@@ -36,10 +36,11 @@ class Registry:
         raise TypeError(f"no {self.kind} handler for {type(config).__name__}")
 
     def config_class(self, name: str) -> type:
-        if name not in self.entries:
+        if not isinstance(name, str) or name not in self.entries:
+            from lmslim.core.configs import show
             from lmslim.core.errors import UserError
 
-            raise UserError(f"unknown {self.kind} method {name!r}; choose one of: {', '.join(self.entries)}")
+            raise UserError(f"unknown {self.kind} method {show(name)}; choose one of: {', '.join(self.entries)}")
         return self.entries[name][0]
 
     def names(self) -> list[str]:

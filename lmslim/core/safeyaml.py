@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from lmslim.core.errors import UserError
+from lmslim.core.errors import UserError, clip
 
 MAX_BYTES = 1 << 20  # 1 MiB: recipes and configs are a few hundred bytes
 MAX_NODES = 100_000  # scalars + collections after alias expansion
@@ -87,6 +87,8 @@ def load_yaml_text(text: str, what: str) -> Any:
         raise UserError(f"{what} is not valid YAML{where}: {problem}") from e
     except RecursionError as e:
         raise UserError(f"{what} nests too deeply to read; flatten it") from e
+    except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
+        raise UserError(f"{what} holds a value that cannot be read ({clip(e, 100)})") from e
     finally:
         loader.dispose()
 

@@ -1,22 +1,30 @@
 """Quality measurement: perplexity, classification accuracy/F1, entity-level F1, embedding similarity.
 
 Perplexity method (``perplexity``):
-    The documents are joined with blank lines (``"\\n\\n".join(docs)``) and tokenized once with the
-    model's own tokenizer (its special tokens, e.g. a BOS, are kept as the tokenizer adds them).
-    The first forward pass scores tokens 1..window-1 of the stream. After that the scored span
-    advances ``stride`` tokens at a time (at most ``window - 1``), and each forward pass sees the
-    ``window`` tokens that end at the last token it scores, so every scored token has at least
-    ``window - stride`` tokens of context. Every token after the first is scored exactly once; the
-    first has no context, so ``tokens_scored = N - 1``. Perplexity is
-    ``exp(sum of token NLL / tokens_scored)``, accumulated in float64. Deterministic.
+    The text stream and the way every window starts are those of :mod:`lmslim.data.calib`: with a
+    tokenizer that adds nothing, the documents are joined with blank lines and tokenized once; with
+    one that puts a BOS before a text, each document is encoded as the tokenizer encodes a text on
+    its own (``BOS doc``) and these are concatenated, and every forward pass starts with BOS (a
+    window that does not begin at a document start has its first token replaced by BOS). BOS and
+    other special tokens are context only, never scored; nor is the stream's first token.
+
+    Forward passes are ``window`` tokens long and sit on a fixed grid: pass j covers stream
+    positions ``[e_j - window, e_j)`` with ``e_j = window + j * step``, ``step = min(stride,
+    window - 1 - len(prefix))``, and scores the text tokens in ``[e_(j-1), e_j)``. So every scored
+    token is scored exactly once, with at least ``window - step - len(prefix)`` tokens of its real
+    context (plus BOS), and the context of a token does not depend on where the stream ends: the
+    NLL of the first N tokens is the same whatever ``max_tokens`` is (the last pass is cut at the
+    end of the stream; a causal model's outputs before the cut do not change). Perplexity is
+    ``exp(sum of token NLL / tokens_scored)``, accumulated in float64. Deterministic. How the
+    windows were built is returned under ``windows``.
 
 Example:
     >>> from lmslim.core.models import load_model
     >>> from lmslim.measure.eval import perplexity
     >>> lm = load_model("builtin:tiny-llama")
     >>> r = perplexity(lm.model, lm.tokenizer, ["some text to score"], window=8, stride=4)
-    >>> r["tokens_scored"]
-    17
+    >>> r["tokens_scored"], r["windows"]["bos"]
+    (17, False)
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 
 from lmslim.core.errors import UserError
 from lmslim.core.progress import track
+from lmslim.data.calib import TokenStream, document_stream, frame_window
 from lmslim.data.spec import Data
 
 
@@ -40,22 +49,54 @@ def _max_positions(model) -> int | None:
     return None
 
 
-def encode_stream(tokenizer, documents: list[str], max_tokens: int | None = None) -> list[int]:
-    """Token ids of the joined documents, truncated to ``max_tokens``."""
-    text = "\n\n".join(d.strip() for d in documents if d.strip())
-    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-    return ids[:max_tokens] if max_tokens else ids
+def encode_stream(tokenizer, documents: list[str], max_tokens: int | None = None) -> TokenStream:
+    """The documents' token stream as perplexity scores it (see the module docstring), cut to ``max_tokens``."""
+    return document_stream(tokenizer, documents).truncated(max_tokens)
+
+
+def window_step(window: int, stride: int, prefix_len: int) -> int:
+    """How far consecutive passes advance: each pass's first scored token keeps >= 1 real context token."""
+    return min(stride, window - 1 - prefix_len)
 
 
 @torch.no_grad()
+def token_nll(model, stream: TokenStream, window: int, step: int, device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
+    """NLL (float64) of every stream position under the grid of windows; NaN where not scored."""
+    n = len(stream)
+    prefix = stream.framing.prefix
+    ids = torch.tensor(stream.ids, dtype=torch.long, device=device)
+    scored = torch.tensor(stream.text, dtype=torch.bool, device=device)
+    scored[0] = False  # nothing before it to predict it from
+    out = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
+    ends = list(range(window, n + step, step)) if n > window else [window]
+    start = 0  # first position not yet scored
+    for grid_end in track(ends, "perplexity", total=len(ends)):
+        begin, end = max(0, grid_end - window), min(grid_end, n)
+        chunk = frame_window(ids[begin:end], prefix).unsqueeze(0)  # (1, T)
+        pos = torch.arange(start, end, device=device)
+        pos = pos[scored[start:end]]
+        if pos.numel():
+            logits = model(input_ids=chunk).logits[0]  # (T, V): row i predicts position begin + i + 1
+            logp = F.log_softmax(logits[pos - begin - 1].float(), dim=-1)  # (S, V)
+            out[pos] = -logp.gather(1, ids[pos].unsqueeze(1)).squeeze(1).double()
+        start = end
+    return out
+
+
 def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride: int = 256,
                max_tokens: int | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Sliding-window perplexity of a causal LM (method in the module docstring).
 
     Args:
-        window: tokens per forward pass (capped at the model's maximum positions).
-        stride: tokens the window advances; ``stride == window`` gives disjoint windows.
-        max_tokens: score only the first N tokens of the stream.
+        window: tokens per forward pass, BOS included (capped at the model's maximum positions).
+        stride: tokens the window advances; ``stride == window`` gives (nearly) disjoint windows.
+        max_tokens: score only the first N tokens of the stream (BOS tokens count).
+
+    Returns:
+        ``perplexity``, ``mean_nll``, ``tokens_scored``, ``tokens_total``, ``window``, ``stride``,
+        and ``windows``: how the windows were built (``window``, ``stride`` as used, ``bos``,
+        ``separator`` between documents, ``min_context``).
     """
     if window < 2 or stride < 1 or stride > window:
         raise UserError(f"need window >= 2 and 1 <= stride <= window (got window={window}, stride={stride})")
@@ -65,31 +106,30 @@ def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride
     if limit is not None and window > limit:
         stride = max(1, stride * limit // window)
         window = limit
-    ids = encode_stream(tokenizer, documents, max_tokens)
-    n = len(ids)
-    if n < 2:
+    stream = encode_stream(tokenizer, documents, max_tokens)
+    k = len(stream.framing.prefix)
+    step = window_step(window, stride, k)
+    if step < 1:
+        raise UserError(f"--window {window} is too short for this tokenizer's {k} start token(s); use a window "
+                        f">= {k + 2}")
+    if len(stream) < 2:
         raise UserError("the data has fewer than 2 tokens; nothing to score")
-    stream = torch.tensor(ids, dtype=torch.long, device=device)
-    step = min(stride, window - 1)  # the first target of a chunk needs one token of context in the window
-    first_end = min(window, n)
-    ends = [first_end] + list(range(first_end + step, n + step, step))
-    nll = 0.0
-    scored = 0
-    start = 1  # first position not yet scored (token 0 has no context and is never scored)
-    for end in track(ends, "perplexity", total=len(ends)):
-        end = min(end, n)
-        begin = max(0, end - window)
-        chunk = stream[begin:end].unsqueeze(0)  # (1, T)
-        logits = model(input_ids=chunk).logits[0, :-1].float()  # (T-1, V): row i predicts token begin+i+1
-        logp = F.log_softmax(logits[start - begin - 1:], dim=-1)  # rows predicting tokens start..end-1
-        target = stream[start:end]
-        nll -= logp.gather(1, target.unsqueeze(1)).double().sum().item()
-        scored += end - start
-        start = end
-    mean = nll / scored
-    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": scored, "tokens_total": n,
-            "window": window, "stride": stride,
-            "method": "sliding window over '\\n\\n'-joined documents; each token after the first scored once"}
+    nll = token_nll(model, stream, window, step, device)
+    mask = ~torch.isnan(nll)
+    scored = int(mask.sum())
+    if scored == 0:
+        raise UserError("the data has no token to score")
+    mean = float(nll[mask].sum()) / scored
+    bos = stream.framing.bos
+    windows = {"window": window, "stride": step, "bos": bos,
+               "bos_token": "".join(tokenizer.convert_ids_to_tokens(list(stream.framing.prefix))) if bos else None,
+               "separator": stream.separator, "documents": "encoded one by one" if bos else "joined into one text",
+               "min_context": window - step - k}
+    method = ("sliding window on a fixed grid; every window starts with the tokenizer's BOS; documents encoded "
+              "one by one, each starting with BOS; BOS never scored" if bos else
+              "sliding window on a fixed grid over '\\n\\n'-joined documents; each token after the first scored once")
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": scored, "tokens_total": len(stream),
+            "window": window, "stride": stride, "windows": windows, "method": method}
 
 
 def _batches(items: list, size: int):

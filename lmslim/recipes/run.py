@@ -19,6 +19,7 @@ variant's own and not the pipeline's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from typing import Any
 import yaml
 
 from lmslim.core.errors import UserError
+from lmslim.core.faults import failpoint
 from lmslim.core.io import atomic_dir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,17 @@ def _variant(name: str, stage: str | None, spec: str, weights: str | None, measu
             "eval": measured.get("eval"), "bench": measured.get("bench"), "stage_report": report}
 
 
+def recipe_inputs(recipe) -> list[str]:
+    """Every spec a recipe reads besides its model: data of each role, and models named by stages (a teacher)."""
+    specs = [v for v in recipe.data.model_dump().values() if v]
+    for stage in recipe.stages:
+        for key in ("teacher", "student", "tokenizer"):
+            value = stage.options.get(key)
+            if isinstance(value, str) and value != "input":
+                specs.append(value)
+    return specs
+
+
 def _check_data(recipe, stage_objs) -> None:
     """Load every data set the recipe will use, so a bad spec fails before any work is done."""
     from lmslim.data.spec import load_data
@@ -134,24 +147,35 @@ def _check_data(recipe, stage_objs) -> None:
 def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool = False, threads: int | None = None,
              measure_cache: Path | None = None) -> dict:
     """Run ``recipe`` on ``model_spec`` into ``out``; returns the results dict (also in results.json)."""
-    from lmslim.core.models import load_model, resolve
+    from lmslim.core.guard import check_output
+    from lmslim.core.models import resolve
     from lmslim.core.runtime import Runtime
-    from lmslim.recipes.stages import STAGES, StageContext, validate_stages
+    from lmslim.recipes.stages import validate_stages
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists; choose a new --out or pass --overwrite")
+    held = check_output(out, inputs=[model_spec, *recipe_inputs(recipe)], overwrite=overwrite)  # noqa: F841
     stage_objs = validate_stages(recipe)
     _check_data(recipe, stage_objs)
     resolved = resolve(model_spec)
-    input_hash = resolved.weights_hash()
     runtime = Runtime.create(device="cpu", threads=threads if threads is not None else recipe.bench.threads)
     work = out.parent / f".{out.name}.partial"
-    work.mkdir(parents=True, exist_ok=True)
+    with _work_lock(work):
+        return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache)
+
+
+def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolved, runtime, threads,
+              measure_cache) -> dict:
+    from lmslim.core.models import load_model, resolve
+    from lmslim.recipes.stages import STAGES, StageContext
+
+    input_hash = resolved.weights_hash()
+    _undo_final_move(work)
     raw = dict(raw, model=model_spec)
     atomic_write_text(work / "recipe.yaml", yaml.safe_dump(raw, sort_keys=False))
     measurer = Measurer(recipe, threads, measure_cache)
     t_start = time.perf_counter()
+    say = _Progress(len(recipe.stages))
+    say("measuring the input model")
 
     base_dir = work / "baseline"
     base_dir.mkdir(exist_ok=True)
@@ -168,8 +192,10 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
         measure_now = recipe.measure_each_stage or i == n - 1
         if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp and (sdir / "model").is_dir():
             log.info("stage %d (%s) already done; skipping", i, spec.name)
+            say(f"stage {i + 1}/{n} ({spec.name}) already done; reused", stage_done=True)
             record = json.loads(done.read_text())
         else:
+            say(f"stage {i + 1}/{n} ({spec.name}) running")
             if sdir.exists():
                 shutil.rmtree(sdir)
             sdir.mkdir(parents=True)
@@ -179,6 +205,7 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
             model, tokenizer, report = kind.run(lm, obj, ctx)
             with atomic_dir(sdir / "model") as tmp:
                 save_model(model, tokenizer, tmp)
+            failpoint("compress-stage")
             del lm, model
             if (sdir / "scratch").exists():
                 shutil.rmtree(sdir / "scratch")
@@ -186,7 +213,9 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
             atomic_write_json(sdir / "stage.json", {"stage": spec.name, "options": spec.options, "report": report})
             weights = resolve(str(sdir / "model")).weights_hash()
             if measure_now and weights != variants[-1]["weights_sha256"]:
+                say(f"stage {i + 1}/{n} ({spec.name}) done in {report['seconds_total']:.0f} s; measuring")
                 measurer.measure(str(sdir / "model"), weights, sdir)
+            say(f"stage {i + 1}/{n} ({spec.name}) finished", stage_done=True)
             record = {"fingerprint": fp, "weights_sha256": weights}
             atomic_write_json(done, record)
         stage_report = json.loads((sdir / "stage.json").read_text())["report"]
@@ -199,18 +228,99 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
                                      record["weights_sha256"], measured, stage_report))
         prev_spec, prev_fp, prev_dir, prev_weights = str(sdir / "model"), fp, sdir, record["weights_sha256"]
 
-    shutil.move(str(prev_dir / "model"), str(work / "model"))
+    # The final model moves out of its stage folder; a note says where it came from, so a run killed
+    # between this move and the rename below puts it back on the next start (_undo_final_move).
+    atomic_write_json(work / "final.json", {"stage_dir": prev_dir.name})
+    os.replace(prev_dir / "model", work / "model")
+    failpoint("compress-final")
     if not recipe.keep_intermediate:  # kept until now so any interrupted run could resume
         for d in (work / "stages").iterdir():
             if (d / "model").exists():
                 shutil.rmtree(d / "model")
+    for v in variants[1:]:  # where each variant's model is once DIR is published (None: not kept)
+        kept = recipe.keep_intermediate and v["model"] is not None
+        v["model"] = v["model"] if kept else None
     if variants[-1]["stage"] is not None and variants[-1]["weights_sha256"] == prev_weights:
         variants[-1]["model"] = "model"
     results = {"kind": "compress", "recipe": label, "input": {"spec": model_spec, "weights_sha256": input_hash},
-               "task": recipe.eval.task, "variants": variants, "seconds": time.perf_counter() - t_start}
+               "task": recipe.eval.task, "data": recipe.data.model_dump(),
+               "variants": _relocate(variants, work, out), "seconds": time.perf_counter() - t_start}
     atomic_write_json(work / "results.json", results)
+    (work / "final.json").unlink()
     _promote(work, out)
+    say("done", stage_done=False)
     return results
+
+
+def _relocate(obj: Any, work: Path, out: Path) -> Any:
+    """Rewrite paths under the work folder (as measured) to where they are after the rename into ``out``."""
+    if isinstance(obj, dict):
+        return {k: _relocate(v, work, out) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(v, work, out) for v in obj]
+    if isinstance(obj, str):
+        for old in {str(work), str(work.resolve())}:
+            if obj == old or obj.startswith(old + os.sep):
+                return str(out) + obj[len(old):]
+    return obj
+
+
+def _undo_final_move(work: Path) -> None:
+    """Put a final model that was moved out of its stage folder back (the run stopped before publishing)."""
+    note = work / "final.json"
+    if not (work / "model").exists():
+        note.unlink(missing_ok=True)
+        return
+    stage_dir = json.loads(note.read_text()).get("stage_dir") if note.is_file() else None
+    target = work / "stages" / stage_dir / "model" if stage_dir else None
+    if target is not None and target.parent.is_dir() and not target.exists():
+        os.replace(work / "model", target)
+    else:
+        shutil.rmtree(work / "model")
+    note.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _work_lock(work: Path):
+    """One run per output folder: a second ``compress`` with the same --out is refused, not interleaved."""
+    import fcntl
+
+    work.parent.mkdir(parents=True, exist_ok=True)
+    lock = work.parent / f".{work.name}.lock"
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another lmslim compress is writing {work.name.removesuffix('.partial')[1:]} "
+                            "right now; wait for it or choose another --out") from None
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    lock.unlink(missing_ok=True)
+
+
+class _Progress:
+    """Progress lines on stderr when it is not a terminal (CI, log files, nohup): stage, elapsed, ETA.
+
+    On a terminal the stages' own bars show progress; these lines would only clutter it.
+    """
+
+    def __init__(self, stages: int):
+        self.stages, self.done, self.t0 = stages, 0, time.perf_counter()
+        self.quiet = sys.stderr.isatty()
+
+    def __call__(self, message: str, stage_done: bool = False) -> None:
+        self.done += bool(stage_done)
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = ""
+        if 0 < self.done < self.stages:
+            eta = f", ETA ~{elapsed / self.done * (self.stages - self.done) / 60:.1f} min"
+        sys.stderr.write(f"compress: {message} ({self.done}/{self.stages} stages, {elapsed / 60:.1f} min{eta})\n")
+        sys.stderr.flush()
 
 
 def _promote(work: Path, out: Path) -> None:

@@ -28,14 +28,16 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmslim.core.configs import MAX_INT, did_you_mean, show
 from lmslim.core.errors import UserError
 from lmslim.core.safeyaml import parse_value
+
+__all__ = ["Recipe", "parse_recipe", "apply_overrides", "load_recipe_file", "did_you_mean"]
 
 
 class _Strict(BaseModel):
@@ -56,21 +58,22 @@ class EvalSettings(_Strict):
 
     enabled: bool = Field(True, description="measure quality at all")
     task: Literal["clm", "seq-cls", "token-cls", "embed"] = Field("clm", description="task the model serves")
-    max_tokens: Optional[int] = Field(8192, ge=2, description="clm: score only the first N tokens (null: all)")
-    window: int = Field(512, ge=2, description="clm: tokens per forward pass")
-    stride: int = Field(256, ge=1, description="clm: tokens the window advances")
-    batch_size: int = Field(16, ge=1, description="examples per batch (classification, embed)")
+    max_tokens: Optional[int] = Field(8192, ge=2, le=MAX_INT,
+                                      description="clm: score only the first N tokens (null: all)")
+    window: int = Field(512, ge=2, le=MAX_INT, description="clm: tokens per forward pass")
+    stride: int = Field(256, ge=1, le=MAX_INT, description="clm: tokens the window advances")
+    batch_size: int = Field(16, ge=1, le=MAX_INT, description="examples per batch (classification, embed)")
 
 
 class BenchSettings(_Strict):
     """Cost measurement after each stage (see ``lmslim bench``)."""
 
     enabled: bool = Field(True, description="measure cost at all")
-    prompt_len: int = Field(128, ge=1, description="prefill tokens")
-    gen_len: int = Field(32, ge=1, description="decode steps")
-    repeats: int = Field(3, ge=1, description="measured runs (medians reported)")
-    warmup: int = Field(1, ge=0, description="unmeasured runs first")
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads (null: all)")
+    prompt_len: int = Field(128, ge=1, le=MAX_INT, description="prefill tokens")
+    gen_len: int = Field(32, ge=1, le=MAX_INT, description="decode steps")
+    repeats: int = Field(3, ge=1, le=MAX_INT, description="measured runs (medians reported)")
+    warmup: int = Field(1, ge=0, le=MAX_INT, description="unmeasured runs first")
+    threads: Optional[int] = Field(None, ge=1, le=4096, description="CPU threads (null: all)")
 
 
 class StageSpec(_Strict):
@@ -97,15 +100,10 @@ class Recipe(_Strict):
 _SECTIONS: dict[str, type[BaseModel]] = {"data": DataRoles, "eval": EvalSettings, "bench": BenchSettings}
 
 
-def did_you_mean(key: str, choices: list[str] | set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
-
-
 def _check_keys(obj: dict, allowed: set[str], where: str) -> None:
     for key in obj:
         if key not in allowed:
-            raise UserError(f"recipe: unknown key {where}{key!r}{did_you_mean(str(key), allowed)}")
+            raise UserError(f"recipe: unknown key {where}{show(key)}{did_you_mean(key, allowed)}")
 
 
 def _stage_entries(raw: Any) -> list[StageSpec]:
@@ -116,12 +114,18 @@ def _stage_entries(raw: Any) -> list[StageSpec]:
         if isinstance(entry, str):
             entry = {entry: {}}
         if not isinstance(entry, dict) or len(entry) != 1:
-            raise UserError(f"recipe: stages[{i}] must be a one-key mapping {{stage_name: options}}, got {entry!r}")
+            raise UserError(f"recipe: stages[{i}] must be a one-key mapping {{stage_name: options}}, "
+                            f"got {show(entry)}")
         (name, options), = entry.items()
+        if not isinstance(name, str):
+            raise UserError(f"recipe: stages[{i}]: the stage name must be a string, got {show(name)}")
         options = {} if options is None else options
         if not isinstance(options, dict):
-            raise UserError(f"recipe: stages[{i}].{name} options must be a mapping, got {options!r}")
-        out.append(StageSpec(name=str(name), options=dict(options)))
+            raise UserError(f"recipe: stages[{i}].{show(name)} options must be a mapping, got {show(options)}")
+        for key in options:
+            if not isinstance(key, str):
+                raise UserError(f"recipe: stages[{i}].{show(name)}: option names are strings, got {show(key)}")
+        out.append(StageSpec(name=name, options=dict(options)))
     return out
 
 
@@ -147,32 +151,42 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
+def _list_index(part: str, node: list) -> int | None:
+    """``part`` as an index into ``node`` (plain ASCII digits, in range), else None."""
+    if part.isascii() and part.isdigit() and len(part) < 10 and int(part) < len(node):
+        return int(part)
+    return None
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.0.c=value`` overrides (values parsed as YAML scalars) to a copy of ``raw``."""
     import copy
 
     raw = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} must look like key=value (e.g. eval.max_tokens=4096)")
+        if not isinstance(item, str) or "=" not in item:
+            raise UserError(f"override {show(item)} must look like key=value (e.g. eval.max_tokens=4096)")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         node: Any = raw
         for j, part in enumerate(parts[:-1]):
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                index = _list_index(part, node)
+                if index is None:
                     raise UserError(f"override {key}: {'.'.join(parts[:j])} has no item {part}")
-                node = node[int(part)]
+                node = node[index]
             else:
                 node = node.setdefault(part, {})
-                if not isinstance(node, (dict, list)):
-                    raise UserError(f"override {key}: {'.'.join(parts[:j + 1])} is not a section")
+            if not isinstance(node, (dict, list)):
+                raise UserError(f"override {key}: {'.'.join(parts[:j + 1])} is a value, not a section")
         leaf = parts[-1]
-        parsed = parse_value(value, f"override {key.strip()[:80]}")
+        parsed = parse_value(value, f"override {key[:80]}")
         if isinstance(node, list):
-            if not leaf.isdigit() or int(leaf) >= len(node):
+            index = _list_index(leaf, node)
+            if index is None:
                 raise UserError(f"override {key}: no list item {leaf}")
-            node[int(leaf)] = parsed
+            node[index] = parsed
         else:
             node[leaf] = parsed
     return raw

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmslim.core.configs import MAX_INT, check_value, did_you_mean, show
 from lmslim.core.errors import UserError
 from lmslim.recipes.stages import StageContext, StageKind, build_config, config_reference, register_stage
 
@@ -35,13 +36,42 @@ class TrainStage:
 def _train_config(options: dict, where: str):
     from lmslim.train.config import TrainConfig
 
-    train = options.get("train", {}) or {}
+    train = options.get("train")
+    train = {} if train is None else train
     if not isinstance(train, dict):
-        raise UserError(f"{where}: train must be a mapping of training-config keys")
+        raise UserError(f"{where}: train must be a mapping of training-config keys, got {show(train)}")
     try:
         return TrainConfig.from_dict(train)
     except UserError as e:
         raise UserError(f"{where}: train: {e}") from e
+
+
+def _option(options: dict, key: str, t: Any, default: Any, where: str) -> Any:
+    try:
+        return check_value(options.get(key, default), t, key)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from e
+
+
+def _student_layers(value: Any, where: str) -> int | list[int] | None:
+    """K (keep one layer in K) or the kept layers (a list, or a string like "0,2,4"); the range is checked
+    at run time, when the teacher's depth is known."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.strip().strip("[]").split(",")]
+        if all(p.isascii() and p.isdigit() and len(p) < 10 for p in parts):
+            value = [int(p) for p in parts] if "," in value else int(parts[0])
+    if _is_count(value) and value >= 1:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(_is_count(i) for i in value):
+        return list(value)
+    raise UserError(f"{where}: student_layers must be K >= 1 (keep one layer in K) or a list of layer indices "
+                    f">= 0 like [0, 2, 4], got {show(value)}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
 
 
 def _parse_finetune(options: dict) -> TrainStage:
@@ -49,10 +79,9 @@ def _parse_finetune(options: dict) -> TrainStage:
     allowed = {"train", "keep_sparsity"}
     for key in options:
         if key not in allowed:
-            from lmslim.recipes.schema import did_you_mean
-
-            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}")
-    return TrainStage(train=_train_config(options, where), keep_sparsity=bool(options.get("keep_sparsity", True)))
+            raise UserError(f"{where}: unknown key {show(key)}{did_you_mean(key, allowed)}")
+    return TrainStage(train=_train_config(options, where),
+                      keep_sparsity=_option(options, "keep_sparsity", bool, True, where))
 
 
 def _parse_distill(options: dict) -> TrainStage:
@@ -70,9 +99,13 @@ def _parse_distill(options: dict) -> TrainStage:
         if options.get("student_layers") is None:
             raise UserError(f"{where}: blockwise needs student_layers (it fits the blocks of a student cut from "
                             "the teacher)")
-    return TrainStage(train=_train_config(options, where), keep_sparsity=bool(options.get("keep_sparsity", True)),
-                      distill=cfg, teacher=str(options.get("teacher", "input")),
-                      student_layers=options.get("student_layers"), blockwise=blockwise)
+    teacher = _option(options, "teacher", str, "input", where)
+    if not teacher.strip():
+        raise UserError(f"{where}: teacher must be 'input' (the recipe's model) or a model spec, got ''")
+    return TrainStage(train=_train_config(options, where),
+                      keep_sparsity=_option(options, "keep_sparsity", bool, True, where), distill=cfg,
+                      teacher=teacher, student_layers=_student_layers(options.get("student_layers"), where),
+                      blockwise=blockwise)
 
 
 def sparsity_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -141,7 +174,8 @@ def _run_finetune(lm, stage: TrainStage, ctx: StageContext):
 def _run_distill(lm, stage: TrainStage, ctx: StageContext):
     import dataclasses
 
-    from lmslim.compress.distill.student import check_same_vocabulary, parse_layers, student_from_layers
+    from lmslim.compress.distill.student import check_layers, check_same_vocabulary, parse_layers, \
+        student_from_layers
     from lmslim.compress.calibration import transformer_blocks
     from lmslim.core.models import load_model
 
@@ -151,7 +185,9 @@ def _run_distill(lm, stage: TrainStage, ctx: StageContext):
     check_same_vocabulary(teacher.model, teacher.tokenizer, lm.model, lm.tokenizer)
     if stage.student_layers is not None:
         n = len(transformer_blocks(lm.model)[1])
-        layers = parse_layers(str(stage.student_layers).strip("[]"), n)
+        # A list names the kept layers (even a one-item list); a number K keeps one layer in K.
+        layers = check_layers(stage.student_layers, n) if isinstance(stage.student_layers, list) else \
+            parse_layers(str(stage.student_layers), n)
         lm.model = student_from_layers(lm.model, layers)
     blockwise_report = None
     if stage.blockwise is not None and stage.blockwise.epochs > 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from lmslim.core.configs import check_fields
 from lmslim.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,24 +63,10 @@ def register_stage(kind: StageKind) -> StageKind:
 
 
 def build_config(cls: type, options: dict, where: str, extra_keys: set[str] = frozenset()) -> Any:
-    """Build a frozen config dataclass from recipe options with helpful errors."""
-    from lmslim.recipes.schema import did_you_mean
+    """Build a frozen config dataclass from recipe options with helpful errors (see ``lmslim.core.configs``)."""
+    from lmslim.core.configs import build_config as build
 
-    # needs_calibration is a class fact, not a user setting.
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "needs_calibration"}
-    kwargs = {}
-    for key, value in options.items():
-        if key in extra_keys:
-            continue
-        if key not in fields:
-            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, set(fields) | set(extra_keys))}")
-        kwargs[key] = tuple(value) if isinstance(value, list) else value
-    try:
-        return cls(**kwargs)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from e
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: {e}") from e
+    return build(cls, options, where, extra_keys)
 
 
 def config_reference(cls: type) -> list[tuple[str, str, str]]:
@@ -99,9 +86,14 @@ def config_reference(cls: type) -> list[tuple[str, str, str]]:
 
 
 def _int_option(options: dict, key: str, default: int, where: str) -> int:
-    value = options.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+    from lmslim.core.configs import check_value, show
+
+    try:
+        value = check_value(options.get(key, default), int, key)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from e
+    if value < 1:
+        raise UserError(f"{where}: {key} must be a positive integer, got {show(value)}")
     return value
 
 
@@ -170,6 +162,7 @@ class ExportStage:
     format: str = "hf"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.format != "hf":
             raise UserError(f"export format {self.format!r} is not supported; use hf (a Hugging Face folder)")
 

@@ -4,6 +4,19 @@ Every variant (the baseline and the model after each measured stage) becomes one
 the baseline, the cost-model figures and a verdict on whether its speedup is real on the device it
 was measured on. ``pareto.png`` plots quality against decode speed with bubble area proportional to
 size on disk; the Pareto front (no other variant is both better in quality and faster) is drawn.
+A setup table names, for every run, the input model, the task, the evaluation data and how
+perplexity windows were built, as recorded in ``results.json`` and each variant's eval result.
+
+``p`` (pruned fraction) comes from what pruning did, never from counting zeros alone: a model can
+hold exact zeros by nature (weights dequantized from a k-quant GGUF do) and a quantizer rounds small
+weights to 0.0. A variant is pruned when its stage is ``prune`` or its ``lmslim_pruning`` provenance
+(the bench result's ``pruning``) has more steps than the variant before it. There ``p`` is the
+share of the run's baseline weights that pruning removed or set to zero: ``(baseline non-zeros −
+non-zeros) / baseline params``, so zeros the baseline already had do not count. Every other
+variant keeps the ``p`` of the variant it was made from (0 for the baseline and its unpruned
+descendants; a quantized child of a pruned model keeps its parent's ``p``). When pruning and
+quantization both happened between two measurements the pruned zeros cannot be told from rounding
+zeros, and ``p`` is left unknown (–).
 
 Example:
     >>> from lmslim.report.build import verdict
@@ -68,18 +81,47 @@ def quality_metric(rows: list[dict[str, Any]]) -> tuple[str, str, bool] | None:
     return None
 
 
+def _pruning_steps(v: dict[str, Any]) -> int:
+    """How many pruning steps the variant's ``lmslim_pruning`` provenance records (bench ``pruning``)."""
+    return len(((v.get("bench") or {}).get("pruning") or {}).get("methods") or [])
+
+
+def pruned_fractions(variants: list[dict[str, Any]]) -> list[tuple[float | None, bool]]:
+    """``(p, pruned)`` for each variant of one run, in order (the rule is in the module docstring).
+
+    ``pruned`` says whether pruning is in the variant's history (its zeros, if many, are pruned ones).
+    """
+    base = (variants[0].get("bench") or {}) if variants else {}
+    base_params, base_nonzero = base.get("params"), base.get("nonzero_params")
+    out: list[tuple[float | None, bool]] = []
+    for i, v in enumerate(variants):
+        if i == 0 or v.get("stage") is None:
+            out.append((0.0, False))
+            continue
+        prev_p, prev_pruned = out[-1]
+        be = v.get("bench") or {}
+        if v["stage"] != "prune" and _pruning_steps(v) <= _pruning_steps(variants[i - 1]):
+            out.append((prev_p, prev_pruned))  # not pruned here: the parent's p
+        elif be.get("quantization") or not base_params or base_nonzero is None or be.get("nonzero_params") is None:
+            out.append((None, True))  # pruned, but the count cannot say by how much
+        else:
+            out.append((max(0.0, (base_nonzero - be["nonzero_params"]) / base_params), True))
+    return out
+
+
 def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows: baseline first (deduplicated by weights hash), then every run's stage variants."""
     rows: list[dict[str, Any]] = []
     seen_baselines: set[str] = set()
     for run in runs:
-        for v in run["variants"]:
+        for v, (p, pruned) in zip(run["variants"], pruned_fractions(run["variants"])):
             if v["stage"] is None:
                 key = v.get("weights_sha256") or v["model"]
                 if key in seen_baselines:
                     continue
                 seen_baselines.add(key)
-            row = {"name": v["name"], "run": run["recipe"], "stage": v["stage"], "weights_sha256": v["weights_sha256"]}
+            row = {"name": v["name"], "run": run["recipe"], "stage": v["stage"], "weights_sha256": v["weights_sha256"],
+                   "prune_ratio": p, "pruned": pruned}
             ev, be = v.get("eval") or {}, v.get("bench") or {}
             for key, _, _ in QUALITY:
                 if key in ev:
@@ -110,20 +152,53 @@ def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["prefill_x"] = ratio("prefill_ms_p50", invert=True)
         r["size_x"] = ratio("size_mb")
         r["flops_x"] = ratio("flops_per_token")
-        # p: fraction of the baseline's weights removed or zeroed; alpha: bytes per weight vs fp32.
-        if base.get("params") and r.get("nonzero_params") is not None:
-            r["prune_ratio"] = 1 - r["nonzero_params"] / base["params"]
+        # alpha: bytes per weight vs fp32 (p was set from pruning provenance above).
         if r.get("size_mb") and r.get("params"):
             r["quant_ratio"] = r["size_mb"] * 1e6 / (4 * r["params"])
         if metric:
             key, _, _ = metric
             if r.get(key) is not None and base.get(key) is not None:
                 r["quality_delta_pct"] = 100 * (r[key] / base[key] - 1)
-        sparse = bool(r.get("params") and r.get("nonzero_params") is not None
+        # Many zeros matter only when pruning made them (natural and rounding zeros are few or not removable).
+        sparse = bool(r["pruned"] and r.get("params") and r.get("nonzero_params") is not None
                       and r["nonzero_params"] < 0.95 * r["params"])
         r["verdict"] = "baseline" if r is base else verdict(r["decode_x"], sparse)
     mark_pareto(rows, metric)
     return rows
+
+
+def describe_windows(ev: dict[str, Any]) -> str:
+    """How an eval result's perplexity windows were built, in words ("–" when it scored no windows)."""
+    w = ev.get("windows")
+    if isinstance(w, dict):
+        start = f"each starting with {w.get('bos_token') or 'BOS'}" if w.get("bos") else "no BOS (the tokenizer adds none)"
+        sep = w.get("separator")
+        sep = "a blank line" if sep == "\n\n" else repr(sep) if sep else "–"
+        return f"{w.get('window')} tokens, stride {w.get('stride')}, {start}; documents separated by {sep}"
+    if ev.get("window") is not None:  # measured before windows were recorded
+        return f"{ev['window']} tokens, stride {ev.get('stride')} (BOS handling not recorded)"
+    return "–"
+
+
+def setup(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One line per run: recipe, input model, task, evaluation data and perplexity windows."""
+    out = []
+    for run in runs:
+        evals = [v.get("eval") or {} for v in run.get("variants", [])]
+        specs = [(e.get("data") or {}).get("spec") for e in evals]
+        if not any(specs):  # results written before eval data was recorded per variant
+            specs = [(run.get("data") or {}).get("eval")]
+        tokens = sorted({(e.get("data") or {}).get("tokens") or e.get("tokens_scored") for e in evals} - {None})
+        data = ", ".join(dict.fromkeys(str(x) for x in specs if x)) or "–"
+        if tokens:
+            data += f" ({', '.join(f'{t:,}' for t in tokens)} tokens scored)"
+        model = (run.get("input") or {}).get("spec") or (run.get("variants") or [{}])[0].get("model") or "–"
+        sha = (run.get("input") or {}).get("weights_sha256")
+        windows = "; ".join(dict.fromkeys(describe_windows(e) for e in evals if e)) or "–"
+        out.append({"run": str(run.get("recipe")), "model": str(model), "weights": sha[:12] if sha else "–",
+                    "task": str(run.get("task") or next((e["task"] for e in evals if e.get("task")), "–")),
+                    "data": data, "windows": windows})
+    return out
 
 
 def mark_pareto(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None) -> None:
@@ -207,17 +282,42 @@ def table(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None) -> t
     return head, body
 
 
-def to_markdown(rows, metric, png_name: str = "pareto.png") -> str:
+SETUP_HEAD = ["run", "model", "weights SHA-256", "task", "evaluation data", "perplexity windows"]
+_P_NOTE = ("p = share of the baseline's weights that a pruning stage removed or set to zero (zeros the baseline "
+           "already had, and weights a quantizer rounded to 0, do not count; a variant that was not pruned keeps "
+           "the p of the model it was made from; – : pruned and quantized between two measurements, so the two "
+           "kinds of zeros cannot be told apart)")
+
+
+def _setup_cells(s: dict[str, str]) -> list[str]:
+    return [s["run"], s["model"], s["weights"], s["task"], s["data"], s["windows"]]
+
+
+def _models_line(setup_rows: list[dict[str, str]]) -> str:
+    models = ", ".join(dict.fromkeys(s["model"] for s in setup_rows)) or "–"
+    data = ", ".join(dict.fromkeys(s["data"] for s in setup_rows)) or "–"
+    return f"Model: {models}. Evaluation data: {data}."
+
+
+def to_markdown(rows, metric, png_name: str = "pareto.png", setup_rows: list[dict[str, str]] | None = None) -> str:
     head, body = table(rows, metric)
     machine = rows[0].get("machine") or "unknown CPU"
-    lines = ["# lmslim report", "", f"Measured on: {machine}. Ratios are to the baseline (first row); "
-             f"decode-speed changes within ±{NOISE:.0%} are reported as no real speedup.", "",
-             f"![quality vs decode speed]({png_name})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["# lmslim report", ""]
+    if setup_rows:
+        lines += [_models_line(setup_rows), ""]
+    lines += [f"Measured on: {machine}. Ratios are to the baseline (first row); "
+              f"decode-speed changes within ±{NOISE:.0%} are reported as no real speedup.", "",
+              f"![quality vs decode speed]({png_name})", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
-    lines += ["", "p = fraction of the baseline's weights removed or zeroed; α = bytes on disk per parameter "
+    lines += ["", f"{_P_NOTE}; α = bytes on disk per parameter "
               "relative to fp32; C = training FLOPs per token (cost model, forward + backward); "
               "GFLOPs/token = decode forward FLOPs from the cost model.", ""]
+    if setup_rows:
+        lines += ["## Setup", "", "| " + " | ".join(SETUP_HEAD) + " |", "|" + "---|" * len(SETUP_HEAD)]
+        lines += ["| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in _setup_cells(s)) + " |"
+                  for s in setup_rows]
+        lines += [""]
     return "\n".join(lines)
 
 
@@ -226,8 +326,13 @@ th,td{border:1px solid #ccc;padding:4px 6px;text-align:right}th{background:#f2f2
 tr.pareto td{background:#fff4f0}img{max-width:100%;border:1px solid #ddd}p.note{color:#555;font-size:13px}"""
 
 
-def to_html(rows, metric, png: bytes) -> str:
+def to_html(rows, metric, png: bytes, setup_rows: list[dict[str, str]] | None = None) -> str:
     head, body = table(rows, metric)
+    models = f"<p>{html.escape(_models_line(setup_rows))}</p>" if setup_rows else ""
+    setup_html = ("<h2>Setup</h2><table id=\"setup\"><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in SETUP_HEAD)
+                  + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _setup_cells(s))
+                                                     + "</tr>" for s in setup_rows) + "</tbody></table>"
+                  if setup_rows else "")
     machine = html.escape(rows[0].get("machine") or "unknown CPU")
     b64 = base64.b64encode(png).decode()
     trs = []
@@ -235,27 +340,29 @@ def to_html(rows, metric, png: bytes) -> str:
         cls = ' class="pareto"' if r["pareto"] else ""
         trs.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>lmslim report</title>"
-            f"<style>{_CSS}</style></head><body><h1>lmslim report</h1>"
+            f"<style>{_CSS}</style></head><body><h1>lmslim report</h1>{models}"
             f"<p>Measured on: {machine}. Ratios are to the baseline (first row); decode-speed changes within "
             f"±{NOISE:.0%} are reported as no real speedup. Highlighted rows are on the Pareto front.</p>"
             f"<img id=\"pareto\" alt=\"quality vs decode speed\" src=\"data:image/png;base64,{b64}\">"
-            "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
-            + "".join(trs) + "</tbody></table>"
-            "<p class=\"note\">p = fraction of the baseline's weights removed or zeroed; α = bytes on disk per "
+            "<table id=\"variants\"><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table>"
+            f"<p class=\"note\">{html.escape(_P_NOTE)}; α = bytes on disk per "
             "parameter relative to fp32; C = training FLOPs per token (cost model); GFLOPs/token = decode forward "
-            "FLOPs from the cost model.</p></body></html>\n")
+            f"FLOPs from the cost model.</p>{setup_html}</body></html>\n")
 
 
 def build_report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     """Write report.md, report.html, pareto.png and rows.json into ``out`` (atomically, as a folder)."""
     from lmslim.core.io import atomic_dir
 
-    rows = collect(load_runs(run_dirs))
+    runs = load_runs(run_dirs)
+    rows = collect(runs)
+    setup_rows = setup(runs)
     metric = quality_metric(rows)
     png = pareto_png(rows, metric)
     with atomic_dir(out) as tmp:
         (tmp / "pareto.png").write_bytes(png)
-        (tmp / "report.md").write_text(to_markdown(rows, metric))
-        (tmp / "report.html").write_text(to_html(rows, metric, png))
+        (tmp / "report.md").write_text(to_markdown(rows, metric, setup_rows=setup_rows))
+        (tmp / "report.html").write_text(to_html(rows, metric, png, setup_rows))
         (tmp / "rows.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    return {"rows": rows, "metric": metric}
+    return {"rows": rows, "metric": metric, "setup": setup_rows}

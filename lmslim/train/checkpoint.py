@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -36,6 +37,8 @@ import torch
 from torch import nn
 
 from lmslim.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -180,3 +183,89 @@ def load_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Paramete
         raise UserError(f"checkpoint {folder} cannot be loaded ({first}); it belongs to another model or is "
                         "damaged; start a new run with --overwrite") from e
     return state, meta
+
+
+def resume(root: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimizer: Any, scheduler: Any,
+           scaler: Any, runtime: Any, config: Any, model_fp: str, data: Any,
+           allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load the latest checkpoint under ``root`` into the training objects; return its loop state.
+
+    Refuses a checkpoint of another model, task, labels or world size, and a config that differs in keys
+    other than :data:`~lmslim.train.config.RESUMABLE_CHANGES` and ``allowed`` (the caller's explicit
+    ``resume_changes``). Allowed ``optim.*`` / ``schedule.*`` changes really apply: loading the optimizer
+    and scheduler states would bring back the old lr, betas, weight decay and base lr, so this config's
+    values are put back into the param groups and the lr is recomputed for the resumed step.
+    """
+    from lmslim.train import distributed as dist_
+    from lmslim.train.config import NOT_RESUMABLE, TrainConfig
+
+    found = list_checkpoints(root)
+    if not found:
+        raise UserError(f"nothing to resume: {root} holds no checkpoint; drop --resume to start a new run")
+    folder = found[-1]
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("fingerprint") != model_fp or meta.get("task") != data.task:
+        raise UserError(f"checkpoint {folder} belongs to another model or task ({meta.get('task')}); resume "
+                        "with the same MODEL and --task, or start a new run with --overwrite")
+    if meta.get("labels") != data.label_names:
+        raise UserError(f"checkpoint {folder} was trained with labels {meta.get('labels')}, the data now gives "
+                        f"{data.label_names}; resume with the same data")
+    old = TrainConfig.from_dict(meta.get("config", {}))
+    changed = config.unresumable_changes(old, allowed)
+    fixed = [k for k in changed if k in NOT_RESUMABLE]
+    if fixed:
+        raise UserError(f"checkpoint {folder} was made with another {fixed[0]}, which cannot change on resume: "
+                        f"{NOT_RESUMABLE[fixed[0]]}; start a new run with --overwrite")
+    if changed:
+        raise UserError(f"checkpoint {folder} was made with a different training config ({', '.join(changed)}); "
+                        f"resume with the same settings, allow the change explicitly (--resume-changes "
+                        f"{','.join(changed)}) or start a new run with --overwrite")
+    saved_world = int(meta.get("world_size") or 1)
+    if saved_world != runtime.world_size:
+        raise UserError(f"checkpoint {folder} was written by {saved_world} process(es) and its data position and "
+                        f"random states are per process; resume with --nproc {saved_world} (now {runtime.world_size})")
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this config's
+    if meta.get("strategy") == "fsdp":
+        state = load_trainer_state(folder)
+        dist_.load_sharded(folder, model, optimizer)
+    else:
+        state, _ = load_checkpoint(folder, model, extra, runtime.device)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved without loss scaling (a precision change may turn it on now)
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng_ranks"][runtime.rank] if "rng_ranks" in state else state["rng"])
+    new = [k for k in config.changed_keys(old) if k.startswith(("optim.", "schedule."))]
+    if new:
+        _apply_hyperparameters(optimizer, scheduler, fresh)
+    if runtime.is_main:
+        log.info("resumed from %s (step %d)", folder, state["loop"]["step"])
+        if config.changed_keys(old):
+            flat_old, flat_new = _flat(old.to_dict()), _flat(config.to_dict())
+            log.warning("resuming %s with changed settings: %s (lr now %.3g)", folder.name,
+                        ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in config.changed_keys(old)),
+                        optimizer.param_groups[0]["lr"])
+    return dict(state["loop"])
+
+
+def _apply_hyperparameters(optimizer: Any, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """Put this config's hyperparameters back after loading a checkpoint's optimizer and scheduler states.
+
+    ``fresh`` holds the param groups' values before loading (lr, initial_lr, betas, weight decay, ...);
+    the scheduler's base lrs follow ``initial_lr`` and the lr is recomputed by the (new) schedule at the
+    resumed step, exactly as if the run had used these values all along from here on.
+    """
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (the loop logs it)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -204,10 +204,46 @@ class LogConfig:
     tensorboard: bool = True
     """Write TensorBoard events to DIR/tensorboard when the tensorboard package is installed."""
     progress: bool = True
-    """Progress bar on stderr (only drawn on a terminal)."""
+    """Progress on stderr: a bar on a terminal; otherwise (CI, a log file, nohup) one line with step, loss,
+    tokens/s and ETA at the first step, every ``progress_every_s`` seconds and at the end."""
+    progress_every_s: float = 30.0
+    """Seconds between two progress lines when stderr is not a terminal."""
 
     def __post_init__(self) -> None:
         _need(self.every_steps >= 1, f"log.every_steps must be >= 1, got {self.every_steps}")
+        _need(self.progress_every_s >= 0, f"log.progress_every_s must be >= 0, got {self.progress_every_s}")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Divergence and collapse detection (``lmslim/train/health.py``).
+
+    A run that blows up rarely crashes by itself: its loss freezes, its gradients vanish, and a broken
+    model would be saved with a success exit. These checks stop it with ``TrainingDiverged`` instead,
+    before the bad update is applied, and keep only checkpoints written while training was healthy.
+    A non-finite loss always stops training, even with ``enabled: false``.
+    """
+
+    enabled: bool = True
+    loss_factor: float = 10.0
+    """Stop when a step's loss is above this many times its running average (an EMA over ~10 steps) and
+    above the run's first loss; 0 = off. Applies to positive losses, from the second step on."""
+    grad_factor: float = 1000.0
+    """The same for the gradient norm (measured before clipping); 0 = off."""
+    zero_grad_steps: int = 10
+    """Stop after this many consecutive steps with a zero gradient norm: a collapsed model no longer learns;
+    0 = off. No checkpoint is written while such a streak lasts."""
+    max_weight: float = 1e4
+    """A checkpoint, the best and the final model are written only when every trainable parameter is finite
+    and no larger in magnitude than this (or than 10x the largest one at the start of the run, if that is
+    larger); 0 = check finiteness only."""
+
+    def __post_init__(self) -> None:
+        for key in ("loss_factor", "grad_factor"):
+            value = getattr(self, key)
+            _need(value == 0 or value > 1, f"health.{key} must be > 1 (or 0 = off), got {value}")
+        _need(self.zero_grad_steps >= 0, f"health.zero_grad_steps must be >= 0 (0 = off), got {self.zero_grad_steps}")
+        _need(self.max_weight >= 0, f"health.max_weight must be >= 0 (0 = finiteness only), got {self.max_weight}")
 
 
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
@@ -247,7 +283,11 @@ class DistributedConfig:
 
 # Sections a resumed run may change: they do not alter the optimisation trajectory up to the checkpoint.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log", "checkpoint", "eval", "early_stop", "batch.num_workers",
-                     "distributed.timeout_s", "host_memory")
+                     "distributed.timeout_s", "host_memory", "health")
+# Keys a resume cannot change even when asked: the checkpoint's state is stored for the old value.
+NOT_RESUMABLE = {"optim.name": "the checkpoint holds the optimizer state of another optimizer",
+                 "distributed.strategy": "the checkpoint's weights and optimizer state are stored for the old "
+                                         "strategy (sharded or not)"}
 
 
 @dataclass(frozen=True)
@@ -267,6 +307,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     host_memory: str = "reuse"
     """reuse | release: what the C allocator does with large freed host buffers while training. Every step
@@ -295,7 +336,7 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
                 raise UserError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
-            _set_dotted(data, key.strip(), _parse_scalar(raw))
+            _set_dotted(data, key.strip(), _parse_scalar(raw, key.strip()))
         return _build(cls, data, "")
 
     @classmethod
@@ -313,6 +354,54 @@ class TrainConfig:
     def changed_keys(self, other: "TrainConfig") -> list[str]:
         """Dotted keys whose values differ between two configs."""
         return sorted(k for k, v in _flatten(self.to_dict()).items() if _flatten(other.to_dict()).get(k) != v)
+
+    def unresumable_changes(self, old: "TrainConfig", allowed: tuple[str, ...] = ()) -> list[str]:
+        """Keys that differ from ``old`` (a checkpoint's config) and that a resume may not change.
+
+        Allowed are :data:`RESUMABLE_CHANGES` and ``allowed`` (from :func:`check_resume_changes`): dotted
+        keys or section prefixes, e.g. ``optim.lr`` or ``schedule``; never the keys of :data:`NOT_RESUMABLE`.
+        """
+        return [k for k in self.changed_keys(old)
+                if k in NOT_RESUMABLE or not _covered(k, RESUMABLE_CHANGES + tuple(allowed))]
+
+
+def check_resume_changes(keys: "str | typing.Sequence[str]") -> tuple[str, ...]:
+    """Validate the config keys a caller allows to change on resume (``train(..., resume_changes=...)``).
+
+    Args:
+        keys: dotted keys or section names (``optim.lr``, ``schedule``); a string is split on commas.
+
+    Returns:
+        The keys, stripped, without duplicates.
+
+    Raises:
+        UserError: an unknown key (with a "did you mean" hint) or one in :data:`NOT_RESUMABLE`.
+
+    Example:
+        >>> check_resume_changes("optim.lr, schedule")
+        ('optim.lr', 'schedule')
+    """
+    items = keys.split(",") if isinstance(keys, str) else list(keys)
+    out: list[str] = []
+    known = all_keys()
+    for raw in items:
+        if not isinstance(raw, str):
+            raise UserError(f"resume changes must be config keys like optim.lr, got {raw!r}")
+        key = raw.strip()
+        if not key:
+            continue
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            raise UserError(f"cannot allow resume changes of unknown config key {key!r}{_hint(key)}")
+        if key in NOT_RESUMABLE:  # a section that holds one (optim) stays allowed for its other keys
+            raise UserError(f"{key} cannot change on resume: {NOT_RESUMABLE[key]}; start a new run with --overwrite")
+        if key not in out:
+            out.append(key)
+    return tuple(out)
+
+
+def _covered(key: str, allowed: typing.Iterable[str]) -> bool:
+    """Whether dotted ``key`` is one of ``allowed`` or lies in an allowed section."""
+    return any(key == a or key.startswith(a + ".") for a in allowed)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -382,11 +471,12 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _parse_scalar(raw: str) -> Any:
+def _parse_scalar(raw: str, key: str = "value") -> Any:
+    from lmslim.core.errors import clip
     from lmslim.core.safeyaml import parse_value
 
     raw = raw.strip()
-    value = parse_value(raw, "override value") if raw else ""
+    value = parse_value(raw, f"override {clip(key, 80)}") if raw else ""
     # YAML 1.1 reads "1e-4" as a string; numbers written that way are common for learning rates.
     if isinstance(value, str):
         try:
@@ -460,4 +550,5 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
 
 
 __all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "PrecisionConfig", "BatchConfig", "CheckpointConfig",
-           "EvalConfig", "EarlyStopConfig", "LogConfig", "DistributedConfig", "RESUMABLE_CHANGES", "all_keys"]
+           "EvalConfig", "EarlyStopConfig", "LogConfig", "HealthConfig", "DistributedConfig", "RESUMABLE_CHANGES",
+           "NOT_RESUMABLE", "all_keys", "check_resume_changes"]

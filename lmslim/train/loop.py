@@ -43,8 +43,9 @@ from lmslim.core.errors import UserError
 from lmslim.core.runtime import Runtime
 from lmslim.train import checkpoint as ckpt
 from lmslim.train import distributed as dist_
-from lmslim.train.config import RESUMABLE_CHANGES, TrainConfig
+from lmslim.train.config import TrainConfig, check_resume_changes
 from lmslim.train.data import Batch, Batcher, TokenizedSet
+from lmslim.train.health import HealthMonitor, TrainingDiverged
 from lmslim.train.metrics import MetricsLogger
 from lmslim.train.optim import build_optimizer, build_scheduler
 
@@ -54,10 +55,6 @@ Objective = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, float]]"
 Evaluator = Callable[[nn.Module], "dict[str, float]"]
 # A callback sees (step, record) after every optimizer step; returning True stops training cleanly.
 Callback = Callable[[int, "dict[str, Any]"], "bool | None"]
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -154,7 +151,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
           eval_data: TokenizedSet | None = None, objective: Objective | None = None,
           extra_modules: dict[str, nn.Module] | None = None, evaluator: Evaluator | None = None,
           out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Callback] = (),
-          save_final: bool = True) -> TrainResult:
+          save_final: bool = True, resume_changes: Sequence[str] = ()) -> TrainResult:
     """Train ``model`` in place on ``train_data``.
 
     Args:
@@ -172,12 +169,17 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
         callbacks: called after each step with (step, record); returning True stops (with a checkpoint).
         save_final: save the final model (``save_pretrained`` + tokenizer) into ``out_dir``.
+        resume_changes: config keys or sections (``optim.lr``, ``schedule``) that may differ from the
+            checkpoint's config on resume; their new values apply from the resumed step on (the optimizer's
+            hyperparameters, the lr schedule). Without them such a change is refused. Model, task, labels,
+            world size, ``optim.name`` and ``distributed.strategy`` must always match.
 
     Returns:
         A :class:`TrainResult`.
 
     Raises:
-        TrainingDiverged: NaN/inf loss (the previous checkpoints are kept).
+        TrainingDiverged: the run diverged or collapsed (``health`` config, :mod:`lmslim.train.health`); only
+            checkpoints written while it was healthy are kept, and the message names the last one.
         UserError: a checkpoint of another model/config on resume, a bad early-stopping metric, ...
     """
     from lmslim.train.tasks import evaluate, metric_names
@@ -188,6 +190,9 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise UserError("resume needs the output folder of the run to continue")
+    allowed = check_resume_changes(resume_changes)
+    if allowed and not resume:
+        raise UserError(f"resume changes ({', '.join(allowed)}) only apply when resuming a run")
     objective = objective or task_loss
     model.to(rt.device)
     for module in (extra_modules or {}).values():
@@ -235,8 +240,11 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     state: dict[str, Any] = {"step": 0, "epoch": 0, "index": 0, "tokens_seen": 0, "best": None, "best_step": None,
                              "bad_evals": 0}
     if resume:
-        state = _resume(ckpt_root, model, extras, optimizer, scheduler, scaler, rt, config, model_fp, train_data)
+        state = ckpt.resume(ckpt_root, model, extras, optimizer, scheduler, scaler, rt, config, model_fp,
+                            train_data, allowed)
     write = rt.is_main and out is not None
+    health = HealthMonitor(config.health, list(model.named_parameters()) + list(extras.items()), rt, ckpt_root,
+                           config.checkpoint.keep_last, write, state.get("health"))
     if rt.is_distributed and rt.is_main:
         log.info("training on %d processes (%s, %s, comm hook %s): ~%.1f MB sent per rank per step",
                  rt.world_size, rt.backend, config.distributed.strategy, config.distributed.comm_hook,
@@ -247,12 +255,13 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "train_config.json", config.to_dict())
     logger = MetricsLogger(out if write else None, rt.is_main, steps, state["step"], config.log.tensorboard,
-                           config.log.progress)
+                           config.log.progress, config.log.progress_every_s)
 
     def save(kind: str) -> None:
         """Write a checkpoint; under torchrun every rank calls this (RNG states are gathered, FSDP shards)."""
         if out is None:
             return
+        state["health"] = health.state_dict()
         rngs = dist_.all_gather_object(ckpt.rng_state(), rt)  # dropout etc. differ per rank
         trainer_state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0],
                          "loop": dict(state)}
@@ -267,8 +276,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                                          trainer_state, meta)
         elif write:
             ckpt.save_checkpoint(folder, model, extras, {"optimizer": optimizer.state_dict(), **trainer_state}, meta)
-        if write:
-            ckpt.prune_checkpoints(ckpt_root, config.checkpoint.keep_last)
+        health.saved(folder)  # pending until the next step's numbers confirm its weights; prunes (rank 0)
         dist_.barrier(rt)
 
     model.train()
@@ -306,13 +314,10 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                 loss_value, n_tokens, logs = summed[0], int(summed[1]), dict(zip(keys, summed[2:]))
             else:
                 loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                last = ckpt.list_checkpoints(ckpt_root)[-1:] if ckpt_root is not None else []
-                where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
-                raise TrainingDiverged(f"training loss became {loss_value} at step {state['step'] + 1}; stopped "
-                                       f"({where}); lower optim.lr, add warmup or use precision fp32")
             scaler.unscale_(optimizer)  # clip and measure the true gradient, not the scaled one
             grad_norm = dist_.local(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf")))
+            # Judged before the update is applied: a diverging step never reaches the weights.
+            health.check_step(state["step"] + 1, loss_value, float(grad_norm), rt.needs_grad_scaler)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -344,6 +349,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                 last_eval = eval_metrics
                 improved = _track_best(state, eval_metrics, config)
                 if improved and config.checkpoint.keep_best and out is not None:
+                    health.check_weights(step)
                     _save_model(model, train_data.tokenizer, out / "best", rt)
                 if config.early_stop.patience and state["bad_evals"] >= config.early_stop.patience:
                     stopped_early = True
@@ -363,13 +369,16 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                 if rt.is_distributed:
                     logged["comm_mb_per_step"] = dist_.comm_bytes_per_step(
                         model.parameters(), config.distributed, rt.world_size, step) / 1e6
-                logger.step(step, logged)
+                logger.step(step, logged, record)
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "logs": {}}
             else:
-                logger.step(step, None)
+                logger.step(step, None, record)
             periodic = config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
-            if periodic or eval_metrics or is_last or stop or stopped_early:
-                save("final" if is_last else "periodic")
+            ending = is_last or stop or stopped_early
+            # The end is checked without an output folder too: a broken model is never returned as trained.
+            if ending or (out is not None and (periodic or eval_metrics)):
+                if health.may_save(step, final=ending):
+                    save("final" if is_last else "periodic")
             if stop or stopped_early:
                 if stopped_early and rt.is_main:
                     log.warning("early stopping at step %d: %s did not improve for %d evaluations (best %.5g at "
@@ -459,42 +468,3 @@ def _move_model_files(src: Path, dst: Path) -> None:
             os.replace(tmp, dst / f.name)
     if src.name.startswith("."):
         shutil.rmtree(src, ignore_errors=True)
-
-
-def _resume(root: Path, model: nn.Module, extras: dict[str, nn.Parameter], optimizer, scheduler, scaler,
-            rt: Runtime, config: TrainConfig, model_fp: str, data: TokenizedSet) -> dict[str, Any]:
-    found = ckpt.list_checkpoints(root)
-    if not found:
-        raise UserError(f"nothing to resume: {root} holds no checkpoint; drop --resume to start a new run")
-    folder = found[-1]
-    import json
-
-    meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("fingerprint") != model_fp or meta.get("task") != data.task:
-        raise UserError(f"checkpoint {folder} belongs to another model or task ({meta.get('task')}); resume "
-                        "with the same MODEL and --task, or start a new run with --overwrite")
-    if meta.get("labels") != data.label_names:
-        raise UserError(f"checkpoint {folder} was trained with labels {meta.get('labels')}, the data now gives "
-                        f"{data.label_names}; resume with the same data")
-    old = TrainConfig.from_dict(meta.get("config", {}))
-    changed = [k for k in config.changed_keys(old)
-               if k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES]
-    if changed:
-        raise UserError(f"checkpoint {folder} was made with a different training config ({', '.join(changed)}); "
-                        "resume with the same settings or start a new run with --overwrite")
-    saved_world = int(meta.get("world_size") or 1)
-    if saved_world != rt.world_size:
-        raise UserError(f"checkpoint {folder} was written by {saved_world} process(es) and its data position and "
-                        f"random states are per process; resume with --nproc {saved_world} (now {rt.world_size})")
-    if meta.get("strategy") == "fsdp":
-        state = ckpt.load_trainer_state(folder)
-        dist_.load_sharded(folder, model, optimizer)
-    else:
-        state, _ = ckpt.load_checkpoint(folder, model, extras, rt.device)
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng_ranks"][rt.rank] if "rng_ranks" in state else state["rng"])
-    if rt.is_main:
-        log.info("resumed from %s (step %d)", folder, state["loop"]["step"])
-    return dict(state["loop"])

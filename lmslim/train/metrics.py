@@ -1,6 +1,8 @@
-"""Where training numbers go: ``metrics.jsonl``, TensorBoard events and a progress bar on stderr.
+"""Where training numbers go: ``metrics.jsonl``, TensorBoard events and progress on stderr.
 
-Only rank 0 writes anything. ``metrics.jsonl`` is appended line by line (one JSON object per logged
+Only rank 0 writes anything. Progress is a rich bar on a terminal; when stderr is not one (CI, a log
+file, nohup) it is a line with step/total, loss, tokens/s, rate and ETA at the first step, every
+``log.progress_every_s`` seconds and at the end (:class:`lmslim.core.progress.LineProgress`). ``metrics.jsonl`` is appended line by line (one JSON object per logged
 step, flushed at once) so it can be tailed during a run; on resume, lines past the checkpoint's step
 are dropped so the file reads like one uninterrupted run.
 """
@@ -13,20 +15,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmslim.core.progress import console
+from lmslim.core.progress import LineProgress, console
 
 log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    """JSONL + TensorBoard + rich progress bar (loss, lr, tokens/s, ETA)."""
+    """JSONL + TensorBoard + progress (a rich bar on a terminal, else timed lines): loss, lr, tokens/s, ETA."""
 
     def __init__(self, out_dir: Path | None, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True) -> None:
+                 tensorboard: bool = True, progress: bool = True, progress_every_s: float = 30.0) -> None:
         self.enabled = enabled
         self.file = None
         self.writer = None
         self.progress = None
+        self.lines: LineProgress | None = None
         if not enabled:
             return
         if out_dir is not None:
@@ -51,16 +54,23 @@ class MetricsLogger:
                                      TimeRemainingColumn(), console=con, transient=True)
             self.progress.start()
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+        elif progress:
+            self.lines = LineProgress("train", total_steps, start_step, progress_every_s, logger=log)
 
-    def step(self, step: int, record: dict[str, Any] | None) -> None:
-        """Advance the bar; write ``record`` (when given) to JSONL and TensorBoard."""
+    def step(self, step: int, record: dict[str, Any] | None, live: dict[str, Any] | None = None) -> None:
+        """Advance the progress; write ``record`` (when given) to JSONL and TensorBoard.
+
+        ``live`` is the step's own record (loss, lr, tokens/s): it feeds the progress on the steps
+        that write no ``record``.
+        """
         if not self.enabled:
             return
+        shown = record or live
+        info = f"loss {shown['loss']:.4f} lr {shown['lr']:.2e} {shown['tokens_per_s']:.0f} tok/s" if shown else ""
         if self.progress is not None:
-            info = ""
-            if record:
-                info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
-            self.progress.update(self.task, completed=step, **({"info": info} if record else {}))
+            self.progress.update(self.task, completed=step, **({"info": info} if info else {}))
+        if self.lines is not None:
+            self.lines.update(step, info)
         if not record:
             return
         if self.file is not None:
@@ -76,6 +86,9 @@ class MetricsLogger:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        if self.lines is not None:
+            self.lines.close()
+            self.lines = None
         if self.file is not None:
             self.file.close()
             self.file = None

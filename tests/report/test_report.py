@@ -64,7 +64,8 @@ def test_report_files_and_cli_errors(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(runs[0]), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r2")]) == 2
+    (tmp_path / "not-a-run").mkdir()
+    assert main(["report", str(tmp_path / "not-a-run"), "--out", str(tmp_path / "r2")]) == 2
     assert "not an lmslim compress run" in capsys.readouterr().err and not (tmp_path / "r2").exists()
 
 
@@ -89,7 +90,7 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto((tmp_path / "rep" / "report.html").as_uri())
         width = page.evaluate("document.getElementById('pareto').naturalWidth")
-        rows = page.evaluate("document.querySelectorAll('tbody tr').length")
+        rows = page.evaluate("document.querySelectorAll('#variants tbody tr').length")
         artifacts = os.environ.get("LMSLIM_TEST_ARTIFACTS", str(tmp_path))
         os.makedirs(artifacts, exist_ok=True)
         page.screenshot(path=os.path.join(artifacts, "report.png"), full_page=True)

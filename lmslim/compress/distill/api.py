@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from lmslim.core.configs import MAX_INT, check_fields, show
 from lmslim.core.errors import UserError
 from lmslim.core.registry import Registry
 
@@ -27,6 +28,10 @@ DISTILLERS = Registry("distillation")
 
 TASKS = ("clm", "seq-cls", "token-cls", "embed")
 KINDS = ("mse", "cosine")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         from lmslim.compress.distill.losses import parse_layer_map
 
+        check_fields(self)  # types first: the rules below may trust them
         if self.task not in TASKS:
             raise UserError(f"unknown distillation task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
@@ -75,15 +81,14 @@ class DistillConfig:
             raise UserError(f"--hidden-loss must be mse or cosine, got {self.hidden_loss!r}")
         if self.embed_loss not in KINDS:
             raise UserError(f"--embed-loss must be mse or cosine, got {self.embed_loss!r}")
-        layer_map = self.layer_map
-        if isinstance(layer_map, str):
-            layer_map = parse_layer_map(layer_map)
-        else:
-            try:
-                layer_map = tuple((int(a), int(b)) for a, b in layer_map)
-            except (TypeError, ValueError) as e:
-                raise UserError(f"layer_map must be uniform, last, kept or (student, teacher) pairs, "
-                                f"got {self.layer_map!r}") from e
+        layer_map = parse_layer_map(self.layer_map) if isinstance(self.layer_map, str) else self.layer_map
+        if not isinstance(layer_map, str):
+            if not isinstance(layer_map, (list, tuple)) or not layer_map or not all(
+                    isinstance(p, (list, tuple)) and len(p) == 2 and _is_index(p[0]) and _is_index(p[1])
+                    for p in layer_map):
+                raise UserError(f"layer_map must be uniform, last, kept or (student, teacher) pairs of hidden-state "
+                                f"indices >= 0 like [[1, 2], [2, 4]], got {show(self.layer_map)}")
+            layer_map = tuple((a, b) for a, b in layer_map)
         object.__setattr__(self, "layer_map", layer_map)
 
     def to_dict(self) -> dict[str, Any]:

@@ -49,7 +49,9 @@ from torch import nn
 
 from lmslim.compress.calibration import BlockInput, capture_block_inputs, run_block, transformer_blocks
 from lmslim.compress.distill.api import DISTILLERS
+from lmslim.core.configs import check_fields
 from lmslim.core.errors import UserError
+from lmslim.data.calib import frame_window, text_framing
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,11 @@ class BlockwiseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, "blockwise.")
         for name in ("epochs", "samples", "seq_len", "batch_size"):
             v = getattr(self, name)
             low = 0 if name == "epochs" else (2 if name == "seq_len" else 1)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if v < low:
                 raise UserError(f"blockwise.{name} must be an integer >= {low}, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"blockwise.lr must be > 0, got {self.lr!r}")
@@ -105,10 +108,15 @@ def relative_error(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (err / target.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
 
 
-def calibration_rows(examples: list[dict[str, Any]], config: BlockwiseConfig) -> torch.Tensor:
-    """Up to ``config.samples`` rows of exactly ``config.seq_len`` tokens from tokenized clm examples (seeded)."""
+def calibration_rows(examples: list[dict[str, Any]], config: BlockwiseConfig, prefix: tuple[int, ...] = ()
+                     ) -> torch.Tensor:
+    """Up to ``config.samples`` rows of exactly ``config.seq_len`` tokens from tokenized clm examples (seeded).
+
+    ``prefix``: the tokenizer's start token(s) (``lmslim.data.calib.text_framing``); a packed row that
+    begins mid-document gets them in place of its first token(s), so every row starts as text does.
+    """
     ids = [list(e["input_ids"]) for e in examples]
-    rows = [x[:config.seq_len] for x in ids if len(x) >= config.seq_len]
+    rows = [frame_window(torch.tensor(x[:config.seq_len]), prefix).tolist() for x in ids if len(x) >= config.seq_len]
     if not rows:
         longest = max((len(x) for x in ids), default=0)
         raise UserError(f"blockwise distillation needs training rows of {config.seq_len} tokens; the longest has "
@@ -131,7 +139,8 @@ def fit_on_data(teacher: nn.Module, student: nn.Module, data: Any, tokenizer: An
 
     if max_length is not None:
         config = replace(config, seq_len=min(config.seq_len, max_length))
-    rows = calibration_rows(tokenize(data, tokenizer, "clm", config.seq_len, True).examples, config)
+    rows = calibration_rows(tokenize(data, tokenizer, "clm", config.seq_len, True).examples, config,
+                            text_framing(tokenizer).prefix)
     return blockwise_distill_(teacher, student, rows, config, runtime)
 
 

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmslim.core.configs import MAX_INT, check_fields, check_patterns, check_value, show
 from lmslim.core.errors import UserError
 from lmslim.core.registry import Registry
 from lmslim.core.targeting import matches, select_linears
@@ -37,15 +39,30 @@ from lmslim.core.targeting import matches, select_linears
 PRUNERS = Registry("pruning")
 
 
-def parse_n_m(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """``"2:4"`` → ``(2, 4)``: keep N weights in every group of M consecutive inputs."""
-    if value is None or isinstance(value, tuple):
-        return value
-    try:
-        n, m = (int(p) for p in str(value).split(":"))
-    except ValueError:
-        raise UserError(f"N:M pattern must look like 2:4, got {value!r}") from None
-    return n, m
+def parse_n_m(value: str | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """``"2:4"`` or ``[2, 4]`` → ``(2, 4)``: keep N weights in every group of M consecutive inputs."""
+    if value is None:
+        return None
+    pair = None
+    if isinstance(value, str) and re.fullmatch(r"\s*\d{1,6}\s*:\s*\d{1,6}\s*", value):
+        pair = tuple(int(p) for p in value.split(":"))
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(p, int) and not isinstance(p, bool) and abs(p) <= MAX_INT for p in value):
+        pair = tuple(value)
+    if pair is None:
+        hint = ""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+            hint = " (YAML reads an unquoted 2:4 as the base-60 number 124: quote it, n_m: '2:4')"
+        raise UserError(f"N:M pattern must look like 2:4 or [2, 4], got {show(value)}{hint}")
+    return pair
+
+
+def _check_overrides(overrides: tuple) -> tuple[tuple[str, float], ...]:
+    """Per-matrix sparsity: ``[[pattern, sparsity], ...]`` → a tuple of checked pairs."""
+    pairs = tuple(check_value(item, tuple[str, float], f"overrides[{i}] ([pattern, sparsity])")
+                  for i, item in enumerate(overrides))
+    check_patterns(tuple(p for p, _ in pairs), "overrides pattern")
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -70,9 +87,10 @@ class SparsitySpec:
     include_lm_head: bool = False
 
     def _check_sparsity(self) -> None:
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        object.__setattr__(self, "overrides", tuple((str(p), float(s)) for p, s in self.overrides))
+        check_fields(self)  # types first: every rule below (and in the subclasses) may trust them
+        check_patterns(self.targets, "targets")
+        check_patterns(self.ignore, "ignore")
+        object.__setattr__(self, "overrides", _check_overrides(self.overrides))
         object.__setattr__(self, "n_m", parse_n_m(self.n_m))
         check_fraction("sparsity", self.sparsity)
         for pattern, s in self.overrides:

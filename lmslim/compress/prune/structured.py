@@ -52,6 +52,7 @@ from torch import nn
 
 from lmslim.compress.calibration import transformer_blocks
 from lmslim.compress.prune.api import PRUNERS, check_fraction, linear_weight
+from lmslim.core.configs import check_fields
 from lmslim.core.errors import UserError
 from lmslim.core.targeting import set_submodule
 
@@ -69,6 +70,8 @@ class _StructSpec:
     needs_calibration: bool = True
 
     def _check_struct(self, fraction: float | None) -> None:
+        check_fields(self)  # types first: every rule below (and in the subclasses) may trust them
+        fraction = getattr(self, "fraction", fraction)  # the checked value, not the caller's raw one
         if fraction is not None:
             check_fraction("the fraction to remove (--sparsity)", fraction)
         if self.scope not in ("layer", "global"):

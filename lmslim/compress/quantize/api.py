@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lmslim.compress.quantize.linear import KERNELS, QuantLinear
+from lmslim.core.configs import check_fields, check_patterns, show
 from lmslim.core.errors import UserError
 from lmslim.core.registry import Registry
 from lmslim.core.targeting import select_linears
@@ -40,10 +41,11 @@ class TargetSpec:
     kernel: str = "auto"  # auto | dequant | int8 | fbgemm (see linear.py)
 
     def _check_targets(self) -> None:
+        check_fields(self)  # types first: every rule below (and in the subclasses) may trust them
         if self.kernel not in ("auto",) + KERNELS:
-            raise UserError(f"unknown kernel {self.kernel!r}; choose auto, {', '.join(KERNELS)}")
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "ignore", tuple(self.ignore))
+            raise UserError(f"unknown kernel {show(self.kernel)}; choose auto, {', '.join(KERNELS)}")
+        check_patterns(self.targets, "targets")
+        check_patterns(self.ignore, "ignore")
 
 
 def resolve_kernel(kernel: str) -> str:

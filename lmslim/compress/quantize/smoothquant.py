@@ -58,6 +58,8 @@ class SmoothQuantConfig(TargetSpec):
         self._check_targets()
         if not 0 <= self.alpha <= 1:
             raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def _is_conv1d(m: nn.Module) -> bool:

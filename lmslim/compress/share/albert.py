@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lmslim.compress.calibration import transformer_blocks
+from lmslim.core.configs import check_fields
 from lmslim.core.errors import UserError
 from lmslim.core.registry import Registry
 
@@ -61,7 +62,8 @@ class ShareConfig:
     keep_norms: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 2:
+        check_fields(self)
+        if self.group_size < 2:
             raise UserError(f"--group-size must be an integer >= 2 (layers per shared group), got {self.group_size}")
         if self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")

@@ -49,6 +49,23 @@ def write_json(path: Optional[Path], obj: dict) -> None:
         out.print(f"wrote {path}")
 
 
+def guard_out(path: Path, inputs=(), overwrite: bool = False, resume: bool = False, flag: str = "--out") -> None:
+    """Check an output folder (lmslim.core.guard.check_output) and hold its lock until the command ends."""
+    from lmslim.core.guard import check_output
+
+    hold(check_output(path, inputs=inputs, overwrite=overwrite, resume=resume, flag=flag))
+
+
+def hold(lock) -> None:
+    """Keep ``lock`` (an OutputLock or None) until the running command returns or fails."""
+    if lock is not None:
+        try:  # typer >= 0.20 runs commands in its own copy of click
+            from typer._click.globals import get_current_context
+        except ImportError:
+            from click import get_current_context
+        get_current_context().with_resource(lock)
+
+
 def check_out(path: Optional[Path], inputs=(), flag: str = "--json") -> None:
     """A result file: writable, not a folder, not one of ``inputs`` (specs or paths) nor inside them."""
     if path is not None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, out
+from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, guard_out, hold, out
 from lmslim.cli.launch import MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, NprocOpt
 from lmslim.core.errors import UserError
 
@@ -32,7 +32,6 @@ def share(
     ``lmslim distill --teacher MODEL --student OUT ...``.
     """
     from lmslim.compress.share import ShareConfig, save_shared, share_
-    from lmslim.core.guard import check_output
     from lmslim.core.io import atomic_dir
     from lmslim.core.models import load_model, resolve
     from lmslim.core.runtime import Runtime
@@ -40,7 +39,7 @@ def share(
     config = ShareConfig(group_size=group_size, init=init, index=index, keep_norms=keep_norms)
     if task not in ("auto", "clm", "embed"):
         raise UserError(f"share --task must be auto, clm or embed, got {task!r}")
-    held = check_output(out_dir, inputs=[model], overwrite=overwrite)  # noqa: F841 - held until the command returns
+    guard_out(out_dir, inputs=[model], overwrite=overwrite)
     rt = Runtime.create(device="cpu", threads=threads)
     if task == "auto":
         from lmslim.cli.main import _causal_or_embed
@@ -122,7 +121,7 @@ def distill(
     The student is cut from the teacher (--student-layers), loaded (--student) or built fresh
     (--student-config); then trained with the training engine against the frozen teacher.
     """
-    from lmslim.cli.train_cmd import check_out_dir
+    from lmslim.cli.train_cmd import check_out_dir, remove_unfinished_start
     from lmslim.compress.distill import DistillConfig
     from lmslim.compress.distill.blockwise import BlockwiseConfig
     from lmslim.compress.distill.run import run_distill
@@ -156,7 +155,8 @@ def distill(
     if max_steps == 0 and resume:
         raise UserError("--max-steps 0 saves the untrained student; there is nothing to --resume")
     inputs = [teacher, student, student_config, data, eval_data, config]
-    stale, held = check_out_dir(out_dir, resume, overwrite, inputs)
+    stale, lock = check_out_dir(out_dir, resume, overwrite, inputs)
+    hold(lock)
     if teacher_cache is not None:
         from lmslim.core.guard import check_no_overlap
 
@@ -179,12 +179,13 @@ def distill(
             resolve(spec)
     # Under torchrun: join the process group before any rank writes (run_distill clears --out on rank 0).
     distributed.setup(Runtime.create(device=device, threads=threads), tcfg.distributed.timeout_s)
-    summary = run_distill(
-        teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
-        anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,
-        untrained=max_steps == 0, resume=resume, overwrite=overwrite or stale, device=device, threads=threads,
-        trust_remote_code=trust_remote_code, teacher_cache=teacher_cache, top_k=top_k,
-        blockwise=blockwise if blockwise.epochs else None)
+    with remove_unfinished_start(out_dir):
+        summary = run_distill(
+            teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
+            anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,
+            untrained=max_steps == 0, resume=resume, overwrite=overwrite or stale, device=device, threads=threads,
+            trust_remote_code=trust_remote_code, teacher_cache=teacher_cache, top_k=top_k,
+            blockwise=blockwise if blockwise.epochs else None)
     s = summary["student"]
     out.print(f"student: {s['layers']} layers, {s['params'] / 1e6:.1f} M parameters "
               f"(teacher {summary['teacher']['layers']} layers, {summary['teacher']['params'] / 1e6:.1f} M)")

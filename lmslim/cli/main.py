@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmslim.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, app, check_out, out, quiet_libraries, write_json
+from lmslim.cli.common import (DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, app, check_out, guard_out, out, quiet_libraries,
+                               write_json)
 from lmslim.core.errors import UserError
 
 @app.command()
@@ -176,14 +177,13 @@ def quantize(
 
     from lmslim.compress.quantize import QUANTIZERS, quantize_
     from lmslim.compress.quantize.serialize import save_quantized
-    from lmslim.core.guard import check_output
     from lmslim.core.io import atomic_dir
     from lmslim.core.models import load_model
     from lmslim.core.runtime import Runtime
     from lmslim.measure.bench import peak_rss_mb
 
     cls = QUANTIZERS.config_class(method)
-    held = check_output(out_dir, inputs=[model, calib], overwrite=overwrite)  # noqa: F841 - held until the command returns
+    guard_out(out_dir, inputs=[model, calib], overwrite=overwrite)
     kwargs: dict = {"kernel": kernel, "include_lm_head": include_lm_head, "targets": tuple(target),
                     "ignore": tuple(ignore)}
     if method in ("rtn", "gptq", "awq"):
@@ -292,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("aborted\n")
         return 130
     except Exception as e:  # click usage errors and genuine bugs
-        import click
+        if isinstance(e, _click_exceptions()):
+            from lmslim.core.errors import clip
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show(file=sys.stderr)
+            ctx = getattr(e, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            sys.stderr.write(f"error: {clip(e.format_message(), 500)}{where}\n")
             return 2
         if os.environ.get("LMSLIM_DEBUG"):
             raise
@@ -318,6 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"internal error: {type(e).__name__}: {msg} (set LMSLIM_DEBUG=1 for the traceback)\n")
         return 1
     return 0
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    """Usage errors (unknown option, bad value) of click and of the copy of click newer typer ships."""
+    import click
+
+    kinds: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+        kinds.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 def _lost_peer(e: BaseException) -> bool:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from lmslim.cli.common import ThreadsOpt, app, out
+from lmslim.cli.common import ThreadsOpt, app, guard_out, out
 from lmslim.core.errors import UserError
 
 
@@ -38,12 +38,11 @@ def compress(
     spec = model or r.model
     if spec is None:
         raise UserError("no model: give MODEL or set model: in the recipe")
-    from lmslim.core.guard import check_no_overlap, check_output
+    from lmslim.core.guard import check_no_overlap
 
-    held = check_output(out_dir, inputs=[spec, recipe, *recipe_inputs(r)], overwrite=overwrite)  # noqa: F841
+    # run_compress checks --out and holds its lock (for Python callers too); the cache is checked here.
     if measure_cache is not None:
         check_no_overlap(measure_cache, [spec, recipe, *recipe_inputs(r), out_dir], "--measure-cache")
-    held.release()  # run_compress takes it again, with the same checks, for Python callers too
     results = run_compress(spec, r, raw, out_dir, overwrite=overwrite, threads=threads, measure_cache=measure_cache)
     _print_variants(results)
     out.print(f"wrote {out_dir} (final model in {out_dir / 'model'})")
@@ -70,9 +69,8 @@ def report(runs: list[Path] = typer.Argument(..., help="compress output folders;
     """Quality-vs-cost report with a Pareto chart and a per-variant speed verdict."""
     from lmslim.report.build import build_report
 
-    from lmslim.core.guard import check_output
 
-    held = check_output(out_dir, inputs=runs, overwrite=overwrite)  # noqa: F841 - held until the command returns
+    guard_out(out_dir, inputs=runs, overwrite=overwrite)
     res = build_report(runs, out_dir)
     front = [r["name"] for r in res["rows"] if r["pareto"]]
     out.print(f"{len(res['rows'])} variants; Pareto front: {', '.join(front) or '–'}")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from lmslim.cli.common import TrustOpt, ThreadsOpt, app, out
+from lmslim.cli.common import ThreadsOpt, TrustOpt, app, guard_out, out
 from lmslim.core.errors import UserError
 
 _UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
@@ -102,7 +102,6 @@ def prune(
     import time
 
     from lmslim.compress.prune import prune_, save_pruned
-    from lmslim.core.guard import check_output
     from lmslim.core.io import atomic_dir
     from lmslim.core.models import load_model
     from lmslim.core.runtime import Runtime
@@ -110,7 +109,7 @@ def prune(
 
     config = build_config(method, sparsity, n_m, drop_layers, drop_heads, scope, target, ignore, layer_sparsity,
                           include_lm_head, damp)
-    held = check_output(out_dir, inputs=[model, calib], overwrite=overwrite)  # noqa: F841 - held until the command returns
+    guard_out(out_dir, inputs=[model, calib], overwrite=overwrite)
     rt = Runtime.create(device="cpu", threads=threads)
     lm = load_model(model, task="clm", dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
     calib_ids = None

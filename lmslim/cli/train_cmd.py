@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, out
+from lmslim.cli.common import DeviceOpt, ThreadsOpt, TrustOpt, app, hold, out
 from lmslim.cli.launch import MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, NprocOpt
 from lmslim.core.errors import UserError
 
@@ -28,6 +30,22 @@ def _killed_before_first_checkpoint(path: Path) -> bool:
     if "checkpoints" in names and ckpts.is_dir() and not any(ckpts.iterdir()):
         names.discard("checkpoints")  # created but never filled
     return bool(names) and names <= _START_FILES
+
+
+@contextlib.contextmanager
+def remove_unfinished_start(out_dir: Path):
+    """On failure, remove ``out_dir`` if this run created it and it holds no checkpoint yet.
+
+    A run that fails (a full disk, a diverged loss) before its first checkpoint has nothing to resume;
+    what it wrote (metrics, the config) would only block the next run.
+    """
+    existed = out_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and _killed_before_first_checkpoint(out_dir) and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def check_out_dir(path: Path, resume: bool, overwrite: bool, inputs: list = ()):
@@ -85,8 +103,6 @@ def train(
     With --nproc N the same command runs as N data-parallel processes (DDP, or FSDP with
     distributed.strategy=fsdp); see docs/distributed.md.
     """
-    import shutil
-
     from lmslim.core.runtime import Runtime
     from lmslim.data.spec import load_data
     from lmslim.train.config import TrainConfig
@@ -102,7 +118,8 @@ def train(
             raise UserError(f"--max-steps must be >= 1, got {max_steps}")
         items.append(f"max_steps={max_steps}")
     cfg = TrainConfig.from_yaml(config, items)
-    stale, held = check_out_dir(out_dir, resume, overwrite, [model, tokenizer, data, eval_data, config])
+    stale, lock = check_out_dir(out_dir, resume, overwrite, [model, tokenizer, data, eval_data, config])
+    hold(lock)
     if nproc is not None:
         from lmslim.cli.launch import launch
 
@@ -127,7 +144,8 @@ def train(
     if (overwrite or stale) and out_dir.exists() and rt.is_main:
         shutil.rmtree(out_dir)
     distributed.barrier(rt)
-    result = run_train(lm.model, ts, cfg, rt, eval_data=vs, out_dir=out_dir, resume=resume)
+    with remove_unfinished_start(out_dir):
+        result = run_train(lm.model, ts, cfg, rt, eval_data=vs, out_dir=out_dir, resume=resume)
     out.print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}, "
               f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.1f} s")
     for k, v in result.eval.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ def storage_error(e: BaseException, path: str | os.PathLike) -> UserError | None
     text = str(e)
     if code in _USER_ERRNOS or any(s in text for s in _DISK_FULL_TEXT):
         reason = os.strerror(code) if code in _USER_ERRNOS else next(s for s in _DISK_FULL_TEXT if s in text)
-        if reason in ("file write failed", "StorageFull", "os error 28"):
+        if reason in ("file write failed", "StorageFull", "os error 28", "No space left"):
             reason = "No space left on device"
         return UserError(f"cannot write {path}: {reason}; free space or choose another location (nothing "
                          "partial was kept)")
@@ -108,6 +109,10 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        # Left by a writer that was killed: callers are the only writer of ``final`` (output lock or
+        # cache file lock), so any earlier temporary sibling is dead.
+        for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     except OSError as e:
         raise storage_error(e, final) or UserError(f"cannot write {final}: {e.strerror or e}") from e

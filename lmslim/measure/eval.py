@@ -61,13 +61,15 @@ def window_step(window: int, stride: int, prefix_len: int) -> int:
 
 @torch.no_grad()
 def token_nll(model, stream: TokenStream, window: int, step: int, device: torch.device | str = "cpu"
-              ) -> torch.Tensor:
-    """NLL (float64) of every stream position under the grid of windows; NaN where not scored."""
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL (float64, NaN where not scored) of every stream position under the grid of windows, and
+    which positions are scored (text tokens after the first; a model that outputs NaN shows as NaN)."""
     n = len(stream)
     prefix = stream.framing.prefix
     ids = torch.tensor(stream.ids, dtype=torch.long, device=device)
     scored = torch.tensor(stream.text, dtype=torch.bool, device=device)
-    scored[0] = False  # nothing before it to predict it from
+    if n:
+        scored[0] = False  # nothing before it to predict it from
     out = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
     ends = list(range(window, n + step, step)) if n > window else [window]
     start = 0  # first position not yet scored
@@ -81,7 +83,7 @@ def token_nll(model, stream: TokenStream, window: int, step: int, device: torch.
             logp = F.log_softmax(logits[pos - begin - 1].float(), dim=-1)  # (S, V)
             out[pos] = -logp.gather(1, ids[pos].unsqueeze(1)).squeeze(1).double()
         start = end
-    return out
+    return out, scored
 
 
 def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride: int = 256,
@@ -114,8 +116,7 @@ def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride
                         f">= {k + 2}")
     if len(stream) < 2:
         raise UserError("the data has fewer than 2 tokens; nothing to score")
-    nll = token_nll(model, stream, window, step, device)
-    mask = ~torch.isnan(nll)
+    nll, mask = token_nll(model, stream, window, step, device)
     scored = int(mask.sum())
     if scored == 0:
         raise UserError("the data has no token to score")

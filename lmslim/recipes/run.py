@@ -153,14 +153,15 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
     from lmslim.recipes.stages import validate_stages
 
     out = Path(out)
-    held = check_output(out, inputs=[model_spec, *recipe_inputs(recipe)], overwrite=overwrite)  # noqa: F841
-    stage_objs = validate_stages(recipe)
-    _check_data(recipe, stage_objs)
-    resolved = resolve(model_spec)
-    runtime = Runtime.create(device="cpu", threads=threads if threads is not None else recipe.bench.threads)
-    work = out.parent / f".{out.name}.partial"
-    with _work_lock(work):
-        return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache)
+    with check_output(out, inputs=[model_spec, *recipe_inputs(recipe)], overwrite=overwrite) or \
+            contextlib.nullcontext():
+        stage_objs = validate_stages(recipe)
+        _check_data(recipe, stage_objs)
+        resolved = resolve(model_spec)
+        runtime = Runtime.create(device="cpu", threads=threads if threads is not None else recipe.bench.threads)
+        work = out.parent / f".{out.name}.partial"
+        with _work_lock(work):
+            return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache)
 
 
 def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolved, runtime, threads,

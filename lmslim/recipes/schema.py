@@ -33,11 +33,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmslim.core.configs import MAX_INT, did_you_mean, show
+from lmslim.core.configs import MAX_INT, did_you_mean, show  # noqa: F401 - did_you_mean: recipe modules import it here
 from lmslim.core.errors import UserError
 from lmslim.core.safeyaml import parse_value
-
-__all__ = ["Recipe", "parse_recipe", "apply_overrides", "load_recipe_file", "did_you_mean"]
 
 
 class _Strict(BaseModel):

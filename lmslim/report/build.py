@@ -95,8 +95,8 @@ def pruned_fractions(variants: list[dict[str, Any]]) -> list[tuple[float | None,
     base_params, base_nonzero = base.get("params"), base.get("nonzero_params")
     out: list[tuple[float | None, bool]] = []
     for i, v in enumerate(variants):
-        if i == 0 or v.get("stage") is None:
-            out.append((0.0, False))
+        if i == 0 or v.get("stage") is None:  # p is measured from here; an input pruned earlier keeps its zeros
+            out.append((0.0, _pruning_steps(v) > 0))
             continue
         prev_p, prev_pruned = out[-1]
         be = v.get("bench") or {}
@@ -295,8 +295,9 @@ def _setup_cells(s: dict[str, str]) -> list[str]:
 
 def _models_line(setup_rows: list[dict[str, str]]) -> str:
     models = ", ".join(dict.fromkeys(s["model"] for s in setup_rows)) or "–"
+    tasks = ", ".join(dict.fromkeys(s["task"] for s in setup_rows)) or "–"
     data = ", ".join(dict.fromkeys(s["data"] for s in setup_rows)) or "–"
-    return f"Model: {models}. Evaluation data: {data}."
+    return f"Model: {models}. Task: {tasks}. Evaluation data: {data} (details under Setup)."
 
 
 def to_markdown(rows, metric, png_name: str = "pareto.png", setup_rows: list[dict[str, str]] | None = None) -> str:

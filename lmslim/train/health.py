@@ -195,6 +195,12 @@ class HealthMonitor:
         else:
             self._prune(self.keep_last)
 
+    def finish(self) -> None:
+        """The run ended healthy (its end was checked by :meth:`may_save`): prune to ``keep_last``."""
+        if self.pending is not None:
+            self.pending = None
+            self._prune(self.keep_last)
+
     # ------------------------------------------------------------------------------------------ failing
     def diverged(self, step: int, reason: str, applied: bool = False) -> TrainingDiverged:
         """The error to raise: removes the pending checkpoint and names the last good one."""

@@ -389,6 +389,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         logger.close()
         if use_cache:
             model_cfg.use_cache = use_cache
+    health.finish()
     model.eval()
     if out is not None and save_final:
         # The final model is the best evaluated one when there is one (rank 0 saved it at that step).

@@ -83,8 +83,9 @@ def test_every_window_starts_with_bos_and_bos_is_not_scored(window, stride):
     # predecessor (BOS for a document's first token); BOS targets would change it.
     assert r["perplexity"] == pytest.approx(hand_perplexity_text_only(spy.model.table.detach(), stream.ids,
                                                                       stream.text), rel=1e-6)
-    nll = token_nll(spy.model, stream, r["windows"]["window"], r["windows"]["stride"])
-    assert all(math.isnan(nll[i]) for i, t in enumerate(stream.ids) if t == BOS)
+    nll, scored = token_nll(spy.model, stream, r["windows"]["window"], r["windows"]["stride"])
+    assert all(math.isnan(nll[i]) and not scored[i] for i, t in enumerate(stream.ids) if t == BOS)
+    assert not torch.isnan(nll[scored]).any() and int(scored.sum()) == r["tokens_scored"]
     assert r["windows"] == {"window": window, "stride": window_step(window, stride, 1), "bos": True,
                             "bos_token": "<s>", "separator": "<s>", "documents": "encoded one by one",
                             "min_context": window - window_step(window, stride, 1) - 1}
@@ -127,11 +128,10 @@ def test_nll_of_first_tokens_does_not_depend_on_max_tokens(llama_bos, bos):
     full = document_stream(tok, LONG_DOCS)
     assert len(full) > 200
     window, step = 32, window_step(32, 12, 1 if bos else 0)
-    ref = token_nll(model, full, window, step)
+    ref, _ = token_nll(model, full, window, step)
     for n in (37, 64, 90, 151, len(full)):
-        cut = token_nll(model, full.truncated(n), window, step)
-        assert torch.equal(torch.isnan(cut), torch.isnan(ref[:n]))
-        ok = ~torch.isnan(cut)
+        cut, ok = token_nll(model, full.truncated(n), window, step)
+        assert torch.equal(torch.isnan(cut), torch.isnan(ref[:n])) and torch.equal(ok, ~torch.isnan(cut))
         assert torch.allclose(cut[ok], ref[:n][ok], atol=1e-4)
         r = perplexity(model, tok, LONG_DOCS, window=32, stride=12, max_tokens=n)
         assert r["mean_nll"] == pytest.approx(float(ref[:n][ok].mean()), abs=1e-5)
@@ -183,9 +183,8 @@ def test_smollm2_windows():
     docs = load_data("builtin:wiki").documents
     stream = document_stream(lm.tokenizer, docs).truncated(400)
     window, step = 128, window_step(128, 64, len(framing.prefix))
-    ref = token_nll(lm.model, stream, window, step)
-    cut = token_nll(lm.model, stream.truncated(250), window, step)
-    ok = ~torch.isnan(cut)
+    ref, _ = token_nll(lm.model, stream, window, step)
+    cut, ok = token_nll(lm.model, stream.truncated(250), window, step)
     assert torch.allclose(cut[ok], ref[:250][ok], atol=1e-3)
     seen = []
     handle = lm.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"][0, 0].item()),
@@ -199,3 +198,12 @@ def test_smollm2_windows():
         assert all(t == framing.prefix[0] for t in seen)
     else:
         assert seen[0] == stream.ids[0] and r["tokens_scored"] == 399 and r["windows"]["separator"] == "\n\n"
+
+
+def test_nan_model_gives_nan_perplexity():
+    """A broken model (NaN logits) must not be scored as if its NaN tokens were never there."""
+    tok = bos_tokenizer()
+    model = BigramLM(len(tok))
+    with torch.no_grad():
+        model.table.fill_(float("nan"))
+    assert math.isnan(perplexity(model, tok, DOCS, window=16, stride=8)["perplexity"])

@@ -143,3 +143,104 @@ def test_stale_quantized_result_not_called_sparse(tmp_path):
     by = {r["name"]: r for r in collect(load_runs([make_run(tmp_path / "r", "q", [base, q, p])]))}
     assert "zeros are not skipped" not in by["gptq"]["verdict"]
     assert "zeros are not skipped" in by["wanda+q"]["verdict"]
+
+
+def _with(v, **bench):
+    v["bench"].update(bench)
+    return v
+
+
+def test_p_comes_from_pruning_not_from_zeros(tmp_path):
+    """A baseline with natural zeros (a dequantized k-quant GGUF) is not pruned, nor is its quantized child;
+    a pruned model reports what pruning removed, and its quantized child keeps that p."""
+    base = variant("baseline", None, 20.0, 10.0, 500, params=1000, nonzero=980)
+    q = _with(variant("q", "quantize", 20.5, 14.0, 150, params=1000, nonzero=850),
+              quantization={"method": "rtn", "kernels": ["int8"], "bits": [4]})
+    pruned = _with(variant("wanda", "prune", 23.0, 10.0, 300, params=1000, nonzero=480),
+                   pruning={"methods": ["wanda"], "n_m": None})
+    pq = _with(variant("wanda+q", "quantize", 24.0, 14.0, 100, params=1000, nonzero=300),
+               quantization={"method": "rtn", "kernels": ["int8"], "bits": [4]},
+               pruning={"methods": ["wanda"], "n_m": None})
+    runs = [make_run(tmp_path / "a", "q", [base, q]), make_run(tmp_path / "b", "pq", [base, pruned, pq])]
+    by = {r["name"]: r for r in collect(load_runs(runs))}
+    assert by["baseline"]["prune_ratio"] == 0 and by["q"]["prune_ratio"] == 0
+    assert by["wanda"]["prune_ratio"] == pytest.approx(0.5)  # (980 - 480) / 1000: the natural zeros are not pruning's
+    assert by["wanda+q"]["prune_ratio"] == pytest.approx(0.5)  # rounding zeros of its quantizer do not count
+    assert "zeros are not skipped" not in by["q"]["verdict"] and "zeros are not skipped" in by["wanda"]["verdict"]
+    out = tmp_path / "rep"
+    build_report(runs, out)
+    md = (out / "report.md").read_text()
+    baseline_row = next(line for line in md.splitlines() if line.startswith("| baseline |"))
+    assert "| 0.00 |" in baseline_row and "0.02" not in baseline_row
+
+
+def test_p_unknown_when_pruned_and_quantized_unmeasured_in_between(tmp_path):
+    base = variant("baseline", None, 20.0, 10.0, 500)
+    pq = _with(variant("prune+q", "quantize", 24.0, 14.0, 100, nonzero=300),
+               quantization={"method": "rtn", "kernels": ["int8"], "bits": [4]},
+               pruning={"methods": ["magnitude"], "n_m": None})
+    rows = collect(load_runs([make_run(tmp_path / "r", "pq", [base, pq])]))
+    assert rows[1]["prune_ratio"] is None and rows[1]["pruned"]
+    assert "zeros are not skipped" in rows[1]["verdict"]
+
+
+def test_natural_zeros_real_models(tmp_path):
+    """Real tiny models: exact zeros put into the baseline by hand are not pruning; wanda is; its quantized
+    child keeps wanda's p although quantization adds rounding zeros."""
+    import torch
+
+    from lmslim.compress.prune import WandaConfig, prune_
+    from lmslim.compress.quantize import RTNConfig, quantize_
+    from lmslim.core.models import LoadedModel, ResolvedModel, load_model
+
+    def fresh():
+        lm = load_model("builtin:tiny-llama")
+        with torch.no_grad():
+            for p in lm.model.parameters():  # ~3% exact zeros by nature
+                p.masked_fill_(p.abs() < 0.03 * p.abs().max(), 0.0)
+        return LoadedModel(lm.model, lm.tokenizer, ResolvedModel("in-memory", "memory", None), "clm")
+
+    calib = torch.randint(10, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    base, wanda, wq = fresh(), fresh(), fresh()
+    prune_(wanda.model, WandaConfig(sparsity=0.5), calib)
+    prune_(wq.model, WandaConfig(sparsity=0.5), calib)
+    quantize_(wq.model, RTNConfig(bits=4, group_size=32), calib)
+    b = _measured(base, "baseline", None)
+    assert b["bench"]["nonzero_params"] < b["bench"]["params"]  # the baseline has zeros of its own
+    run = make_run(tmp_path / "r", "chain", [b, _measured(wanda, "wanda", "prune"), _measured(wq, "wanda+q", "quantize")])
+    by = {r["name"]: r for r in collect(load_runs([run]))}
+    assert by["baseline"]["prune_ratio"] == 0
+    assert by["wanda"]["prune_ratio"] > 0.3
+    assert by["wanda+q"]["prune_ratio"] == by["wanda"]["prune_ratio"]
+
+
+def test_report_names_model_data_task_and_windows(tmp_path):
+    base = variant("baseline", None, 20.0, 10.0, 500, sha="B")
+    q = variant("int8", "quantize", 20.3, 14.5, 200)
+    windows = {"window": 512, "stride": 256, "bos": True, "bos_token": "<s>", "separator": "<s>",
+               "documents": "encoded one by one", "min_context": 255}
+    for v in (base, q):
+        v["eval"].update({"task": "clm", "data": {"spec": "builtin:wiki:test", "examples": 11, "tokens": 100},
+                          "window": 512, "stride": 256, "windows": windows})
+    run = make_run(tmp_path / "a", "int8", [base, q])
+    obj = json.loads((run / "results.json").read_text())
+    obj.update({"input": {"spec": "builtin:smollm2-135m", "weights_sha256": "ab" * 32}, "task": "clm"})
+    (run / "results.json").write_text(json.dumps(obj))
+    # A run written before eval data and windows were recorded per variant still names what it can.
+    old = make_run(tmp_path / "b", "old", [variant("baseline", None, 20.0, 10.0, 500, sha="B")])
+    obj = json.loads((old / "results.json").read_text())
+    obj.update({"input": {"spec": "some/folder"}, "task": "clm", "data": {"eval": "notes.txt"}})
+    obj["variants"][0]["eval"].update({"window": 128, "stride": 64})
+    (old / "results.json").write_text(json.dumps(obj))
+    res = build_report([run, old], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.splitlines()[2].startswith("Model: builtin:smollm2-135m, some/folder. Task: clm. Evaluation data: "
+                                       "builtin:wiki:test")
+    setup_rows = [line for line in md.split("## Setup")[1].splitlines() if line.startswith("| ")]
+    assert setup_rows[1] == ("| int8 | builtin:smollm2-135m | " + "ab" * 6 + " | clm | builtin:wiki:test (100 tokens "
+                             "scored) | 512 tokens, stride 256, each starting with <s>; documents separated by '<s>' |")
+    assert setup_rows[2] == ("| old | some/folder | – | clm | notes.txt (100 tokens scored) | 128 tokens, stride 64 "
+                             "(BOS handling not recorded) |")
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "builtin:smollm2-135m" in html and "builtin:wiki:test" in html and "each starting with &lt;s&gt;" in html
+    assert res["setup"][0]["data"].startswith("builtin:wiki:test")

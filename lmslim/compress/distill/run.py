@@ -22,7 +22,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -100,7 +100,7 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
                 anchor: str = "first", eval_data: str | None = None, untrained: bool = False,
                 resume: bool = False, overwrite: bool = False, device: str = "auto", threads: int | None = None,
                 trust_remote_code: bool = False, teacher_cache: Path | None = None, top_k: int = 64,
-                blockwise: Any = None) -> dict[str, Any]:
+                blockwise: Any = None, resume_changes: Sequence[str] = ()) -> dict[str, Any]:
     """Distil ``teacher`` into a student and save it (with ``lmslim_distill.json``) in ``out_dir``.
 
     Args:
@@ -109,6 +109,8 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
         blockwise: a :class:`~lmslim.compress.distill.blockwise.BlockwiseConfig`: before KD, re-fit each
             block of a student cut from the teacher's layers to the teacher blocks it replaces (clm; skipped
             on ``resume``, whose checkpoint already holds the fitted blocks).
+        resume_changes: with ``resume``, training-config keys or sections (``optim.lr``, ``schedule``) allowed
+            to differ from the checkpoint's; the new values apply (see :func:`lmslim.train.loop.train`).
         Other arguments mirror ``lmslim distill``'s options.
 
     Returns:
@@ -121,6 +123,10 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
     from lmslim.data.spec import load_data
     from lmslim.train.data import tokenize
 
+    from lmslim.train.config import check_resume_changes
+
+    if check_resume_changes(resume_changes) and not resume:  # before the teacher is loaded
+        raise UserError("--resume-changes only applies with --resume (it names what may differ from the checkpoint)")
     task = distill_config.task
     if task not in ("clm", "embed"):
         raise UserError(f"lmslim distill supports --task clm or embed, got {task!r} (use the Python API for "
@@ -185,7 +191,7 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
 
     barrier(rt)
     result = distill(t.model, s_model, ts, distill_config, train_config, rt, eval_data=vs, out_dir=out_dir,
-                     resume=resume, evaluator=evaluator, cache=cache)
+                     resume=resume, resume_changes=resume_changes, evaluator=evaluator, cache=cache)
     summary["train"] = {"steps": result.steps, "final_loss": result.final_loss, "tokens_seen": result.tokens_seen,
                         "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s, "eval": result.eval,
                         "best_metric": result.best_metric, "best_step": result.best_step,

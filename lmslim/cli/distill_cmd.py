@@ -111,6 +111,9 @@ def distill(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Validation data (evaluation, best "
                                             "checkpoint, early stopping)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    resume_changes: Optional[str] = typer.Option(None, "--resume-changes", help="With --resume: config keys or "
+                                                 "sections allowed to differ from the checkpoint's run, e.g. "
+                                                 "optim.lr,schedule (the new values apply)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty --out and start again."),
     threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt, trust_remote_code: bool = TrustOpt,
     nproc: Optional[int] = NprocOpt, nnodes: int = NnodesOpt, node_rank: int = NodeRankOpt,
@@ -183,7 +186,8 @@ def distill(
         summary = run_distill(
             teacher=teacher, student=student, student_layers=student_layers, student_config=student_config,
             anchor=anchor, data=data, eval_data=eval_data, out_dir=out_dir, distill_config=dcfg, train_config=tcfg,
-            untrained=max_steps == 0, resume=resume, overwrite=overwrite or stale, device=device, threads=threads,
+            untrained=max_steps == 0, resume=resume, resume_changes=resume_changes or (),
+            overwrite=overwrite or stale, device=device, threads=threads,
             trust_remote_code=trust_remote_code, teacher_cache=teacher_cache, top_k=top_k,
             blockwise=blockwise if blockwise.epochs else None)
     s = summary["student"]

@@ -27,8 +27,9 @@ def _killed_before_first_checkpoint(path: Path) -> bool:
         return False
     names = {p.name for p in path.iterdir()}
     ckpts = path / "checkpoints"
-    if "checkpoints" in names and ckpts.is_dir() and not any(ckpts.iterdir()):
-        names.discard("checkpoints")  # created but never filled
+    if "checkpoints" in names and ckpts.is_dir() and not any(
+            p for p in ckpts.iterdir() if not p.name.endswith(".partial")):
+        names.discard("checkpoints")  # created, but no checkpoint was completed (a killed write leaves .partial)
     return bool(names) and names <= _START_FILES
 
 
@@ -89,6 +90,9 @@ def train(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Validation data spec (evaluation, "
                                             "best checkpoint, early stopping)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    resume_changes: Optional[str] = typer.Option(None, "--resume-changes", help="With --resume: config keys or "
+                                                 "sections allowed to differ from the checkpoint's run, e.g. "
+                                                 "optim.lr,schedule (the new values apply)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty --out and start again."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="config: models: take the tokenizer from "
                                             "this model spec (default: lmslim's byte-level tokenizer)."),
@@ -145,7 +149,8 @@ def train(
         shutil.rmtree(out_dir)
     distributed.barrier(rt)
     with remove_unfinished_start(out_dir):
-        result = run_train(lm.model, ts, cfg, rt, eval_data=vs, out_dir=out_dir, resume=resume)
+        result = run_train(lm.model, ts, cfg, rt, eval_data=vs, out_dir=out_dir, resume=resume,
+                           resume_changes=resume_changes or ())
     out.print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}, "
               f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.1f} s")
     for k, v in result.eval.items():

@@ -73,8 +73,9 @@ def load_yaml_text(text: str, what: str) -> Any:
     """
     if len(text) > MAX_BYTES:
         raise UserError(f"{what} is {len(text):,} characters; at most {MAX_BYTES:,} are read")
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -87,10 +88,12 @@ def load_yaml_text(text: str, what: str) -> Any:
         raise UserError(f"{what} is not valid YAML{where}: {problem}") from e
     except RecursionError as e:
         raise UserError(f"{what} nests too deeply to read; flatten it") from e
-    except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
-        raise UserError(f"{what} holds a value that cannot be read ({clip(e, 100)})") from e
+    except (ValueError, OverflowError, IndexError, KeyError, AttributeError, TypeError) as e:
+        # PyYAML's constructors fail this way on values such as a 5000-digit integer or `!!int` alone
+        raise UserError(f"{what} holds a value that cannot be read ({type(e).__name__}: {clip(e, 100)})") from e
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml_file(path: str | Path, what: str | None = None) -> Any:

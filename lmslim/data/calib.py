@@ -127,6 +127,9 @@ def frame_window(window: torch.Tensor, prefix: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([head, window[k:]])
 
 
+MAX_CALIB_TOKENS = 1 << 24  # 16.8 M tokens: 64x the usual 128 x 2048; beyond that memory, not quality, is the limit
+
+
 def calibration_ids(tokenizer, documents: list[str], n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """(n_samples, seq_len) token ids; each row starts with the tokenizer's BOS when it adds one.
 
@@ -135,6 +138,9 @@ def calibration_ids(tokenizer, documents: list[str], n_samples: int, seq_len: in
     """
     if n_samples < 1 or seq_len < 2:
         raise UserError(f"need --calib-samples >= 1 and --seq-len >= 2 (got {n_samples}, {seq_len})")
+    if n_samples * seq_len > MAX_CALIB_TOKENS:  # the samples are held in memory at once, with activations
+        raise UserError(f"--calib-samples x --seq-len = {n_samples * seq_len:,} tokens; at most "
+                        f"{MAX_CALIB_TOKENS:,} are supported (typical: 128 x 2048)")
     stream = document_stream(tokenizer, documents, keep_suffix=False)
     prefix = stream.framing.prefix
     if seq_len <= len(prefix):

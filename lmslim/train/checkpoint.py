@@ -11,6 +11,8 @@ A checkpoint is a folder ``DIR/checkpoints/step-NNNNNNN`` holding
 
 It is built in a temporary sibling folder, every file is fsynced, and the folder is renamed into
 place, so a crash leaves either the previous checkpoint or the new one, never half of one.
+:func:`resume` loads the latest one into a run; it refuses another model, task, labels, world size
+or config, except for the keys the caller explicitly allows (:func:`check_resume_changes`).
 
 Example:
     >>> from lmslim.train.checkpoint import rng_state, set_rng_state
@@ -30,13 +32,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from lmslim.core.errors import UserError
+from lmslim.core.faults import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,7 @@ def save_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Paramete
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        failpoint("checkpoint")  # crash tests: files written, not yet renamed into place
         _publish(tmp, folder)
     finally:
         if tmp.exists():
@@ -134,6 +138,7 @@ def save_sharded_checkpoint(folder: Path, runtime: Any, write_shards: Any, train
         try:
             torch.save(trainer_state, tmp / "trainer_state.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            failpoint("checkpoint")
             _publish(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +150,7 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
     """``trainer_state.pt`` of a checkpoint (tensors and plain values only: ``weights_only`` loading)."""
     try:
         return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in torch's zip reader or in unpickling
         raise UserError(f"checkpoint {folder} cannot be loaded ({str(e).splitlines()[0][:200]}); start a new run "
                         "with --overwrite") from e
 
@@ -178,7 +183,7 @@ def load_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Paramete
                 for k, p in extra.items():
                     p.copy_(tensors[k])
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - safetensors, torch's zip reader and unpickling raise many types
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"checkpoint {folder} cannot be loaded ({first}); it belongs to another model or is "
                         "damaged; start a new run with --overwrite") from e
@@ -197,7 +202,7 @@ def resume(root: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimiz
     values are put back into the param groups and the lr is recomputed for the resumed step.
     """
     from lmslim.train import distributed as dist_
-    from lmslim.train.config import NOT_RESUMABLE, TrainConfig
+    from lmslim.train.config import NOT_RESUMABLE, RESUMABLE_CHANGES, TrainConfig
 
     found = list_checkpoints(root)
     if not found:
@@ -211,7 +216,8 @@ def resume(root: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimiz
         raise UserError(f"checkpoint {folder} was trained with labels {meta.get('labels')}, the data now gives "
                         f"{data.label_names}; resume with the same data")
     old = TrainConfig.from_dict(meta.get("config", {}))
-    changed = config.unresumable_changes(old, allowed)
+    changed = [k for k in config.changed_keys(old)
+               if k in NOT_RESUMABLE or not _covered(k, RESUMABLE_CHANGES + tuple(allowed))]
     fixed = [k for k in changed if k in NOT_RESUMABLE]
     if fixed:
         raise UserError(f"checkpoint {folder} was made with another {fixed[0]}, which cannot change on resume: "
@@ -246,6 +252,48 @@ def resume(root: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimiz
                         ", ".join(f"{k} {flat_old.get(k)} -> {flat_new.get(k)}" for k in config.changed_keys(old)),
                         optimizer.param_groups[0]["lr"])
     return dict(state["loop"])
+
+
+def check_resume_changes(keys: str | Sequence[str]) -> tuple[str, ...]:
+    """Validate the config keys a caller allows to change on resume (``train(..., resume_changes=...)``).
+
+    Args:
+        keys: dotted keys or section names (``optim.lr``, ``schedule``); a string is split on commas.
+
+    Returns:
+        The keys, stripped, without duplicates.
+
+    Raises:
+        UserError: an unknown key (with a "did you mean" hint) or one that can never change
+            (:data:`~lmslim.train.config.NOT_RESUMABLE`).
+
+    Example:
+        >>> check_resume_changes("optim.lr, schedule")
+        ('optim.lr', 'schedule')
+    """
+    from lmslim.train.config import NOT_RESUMABLE, _hint, all_keys
+
+    items = keys.split(",") if isinstance(keys, str) else list(keys)
+    out: list[str] = []
+    known = all_keys()
+    for raw in items:
+        if not isinstance(raw, str):
+            raise UserError(f"resume changes must be config keys like optim.lr, got {raw!r}")
+        key = raw.strip()
+        if not key:
+            continue
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            raise UserError(f"cannot allow resume changes of unknown config key {key!r}{_hint(key)}")
+        if key in NOT_RESUMABLE:  # a section that holds one (optim) stays allowed for its other keys
+            raise UserError(f"{key} cannot change on resume: {NOT_RESUMABLE[key]}; start a new run with --overwrite")
+        if key not in out:
+            out.append(key)
+    return tuple(out)
+
+
+def _covered(key: str, allowed: Sequence[str]) -> bool:
+    """Whether dotted ``key`` is one of ``allowed`` or lies in an allowed section."""
+    return any(key == a or key.startswith(a + ".") for a in allowed)
 
 
 def _apply_hyperparameters(optimizer: Any, scheduler: Any, fresh: list[dict[str, Any]]) -> None:

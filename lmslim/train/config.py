@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -355,54 +356,6 @@ class TrainConfig:
         """Dotted keys whose values differ between two configs."""
         return sorted(k for k, v in _flatten(self.to_dict()).items() if _flatten(other.to_dict()).get(k) != v)
 
-    def unresumable_changes(self, old: "TrainConfig", allowed: tuple[str, ...] = ()) -> list[str]:
-        """Keys that differ from ``old`` (a checkpoint's config) and that a resume may not change.
-
-        Allowed are :data:`RESUMABLE_CHANGES` and ``allowed`` (from :func:`check_resume_changes`): dotted
-        keys or section prefixes, e.g. ``optim.lr`` or ``schedule``; never the keys of :data:`NOT_RESUMABLE`.
-        """
-        return [k for k in self.changed_keys(old)
-                if k in NOT_RESUMABLE or not _covered(k, RESUMABLE_CHANGES + tuple(allowed))]
-
-
-def check_resume_changes(keys: "str | typing.Sequence[str]") -> tuple[str, ...]:
-    """Validate the config keys a caller allows to change on resume (``train(..., resume_changes=...)``).
-
-    Args:
-        keys: dotted keys or section names (``optim.lr``, ``schedule``); a string is split on commas.
-
-    Returns:
-        The keys, stripped, without duplicates.
-
-    Raises:
-        UserError: an unknown key (with a "did you mean" hint) or one in :data:`NOT_RESUMABLE`.
-
-    Example:
-        >>> check_resume_changes("optim.lr, schedule")
-        ('optim.lr', 'schedule')
-    """
-    items = keys.split(",") if isinstance(keys, str) else list(keys)
-    out: list[str] = []
-    known = all_keys()
-    for raw in items:
-        if not isinstance(raw, str):
-            raise UserError(f"resume changes must be config keys like optim.lr, got {raw!r}")
-        key = raw.strip()
-        if not key:
-            continue
-        if key not in known and not any(k.startswith(key + ".") for k in known):
-            raise UserError(f"cannot allow resume changes of unknown config key {key!r}{_hint(key)}")
-        if key in NOT_RESUMABLE:  # a section that holds one (optim) stays allowed for its other keys
-            raise UserError(f"{key} cannot change on resume: {NOT_RESUMABLE[key]}; start a new run with --overwrite")
-        if key not in out:
-            out.append(key)
-    return tuple(out)
-
-
-def _covered(key: str, allowed: typing.Iterable[str]) -> bool:
-    """Whether dotted ``key`` is one of ``allowed`` or lies in an allowed section."""
-    return any(key == a or key.startswith(a + ".") for a in allowed)
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -535,20 +488,36 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
             return value
         raise UserError(f"{key} must be true or false, got {value!r}")
     if t is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise UserError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
+            raise UserError(f"{key} must be an integer, got {_show(value)}")
+        if abs(int(value)) > _MAX_INT:  # beyond any step count, seed or timeout torch accepts
+            raise UserError(f"{key} must be at most {_MAX_INT:,} in magnitude, got {_show(value)}")
         return int(value)
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key} must be a number, got {value!r}")
+            raise UserError(f"{key} must be a number, got {_show(value)}")
+        if isinstance(value, int) and abs(value) > _MAX_INT:
+            raise UserError(f"{key} is too large, got {_show(value)}")
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if t is str:
         if not isinstance(value, str):
-            raise UserError(f"{key} must be a string, got {value!r}")
+            raise UserError(f"{key} must be a string, got {_show(value)}")
         return value
     return value
 
 
+_MAX_INT = 2**31 - 1
+
+
+def _show(value: Any) -> str:
+    from lmslim.core.configs import show
+
+    return show(value)
+
+
 __all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "PrecisionConfig", "BatchConfig", "CheckpointConfig",
            "EvalConfig", "EarlyStopConfig", "LogConfig", "HealthConfig", "DistributedConfig", "RESUMABLE_CHANGES",
-           "NOT_RESUMABLE", "all_keys", "check_resume_changes"]
+           "NOT_RESUMABLE", "all_keys"]

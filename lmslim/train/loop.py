@@ -6,6 +6,8 @@ runtime's autocast, weight its mean loss by the micro-batch's share of the step'
 step, update the scale and the lr schedule. Weighting by units instead of ``1/k`` makes an
 accumulated step exactly the gradient of one big batch even when micro-batches hold different
 numbers of tokens. Every so often: log, evaluate (early stopping, best checkpoint) and checkpoint.
+Each step's loss and gradient norm are judged before the update (``lmslim.train.health``): a run that
+diverges or collapses stops with :class:`TrainingDiverged`, and only healthy weights are saved.
 
 The objective is pluggable: ``objective(model, batch) -> (loss, logs)`` where ``loss`` is the mean
 over the batch's loss terms (``batch.units`` of them) and ``logs`` maps names to floats. The default
@@ -40,12 +42,13 @@ import torch
 from torch import nn
 
 from lmslim.core.errors import UserError
+from lmslim.core.faults import failpoint
 from lmslim.core.runtime import Runtime
 from lmslim.train import checkpoint as ckpt
 from lmslim.train import distributed as dist_
-from lmslim.train.config import TrainConfig, check_resume_changes
+from lmslim.train.config import TrainConfig
 from lmslim.train.data import Batch, Batcher, TokenizedSet
-from lmslim.train.health import HealthMonitor, TrainingDiverged
+from lmslim.train.health import HealthMonitor, TrainingDiverged  # noqa: F401 (callers import it from here)
 from lmslim.train.metrics import MetricsLogger
 from lmslim.train.optim import build_optimizer, build_scheduler
 
@@ -190,7 +193,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise UserError("resume needs the output folder of the run to continue")
-    allowed = check_resume_changes(resume_changes)
+    allowed = ckpt.check_resume_changes(resume_changes)
     if allowed and not resume:
         raise UserError(f"resume changes ({', '.join(allowed)}) only apply when resuming a run")
     objective = objective or task_loss
@@ -327,6 +330,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
             dt = time.perf_counter() - t0
             train_time += dt
             state["step"] += 1
+            failpoint("train-step")  # crash tests: a step applied, none of its checkpoint written
             state["tokens_seen"] += n_tokens
             run_tokens += n_tokens
             losses.append(loss_value)

@@ -1,10 +1,13 @@
 """Where training numbers go: ``metrics.jsonl``, TensorBoard events and progress on stderr.
 
-Only rank 0 writes anything. Progress is a rich bar on a terminal; when stderr is not one (CI, a log
-file, nohup) it is a line with step/total, loss, tokens/s, rate and ETA at the first step, every
-``log.progress_every_s`` seconds and at the end (:class:`lmslim.core.progress.LineProgress`). ``metrics.jsonl`` is appended line by line (one JSON object per logged
+Only rank 0 writes anything. ``metrics.jsonl`` is appended line by line (one JSON object per logged
 step, flushed at once) so it can be tailed during a run; on resume, lines past the checkpoint's step
 are dropped so the file reads like one uninterrupted run.
+
+Progress is a rich bar on a terminal. When stderr is not one (CI, a log file, nohup) the bar would
+draw nothing for the whole run, so it is a line with step/total, loss, tokens/s, rate and ETA instead,
+at the first step, every ``log.progress_every_s`` seconds and at the end
+(:class:`lmslim.core.progress.LineProgress`).
 """
 
 from __future__ import annotations

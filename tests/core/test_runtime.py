@@ -4,7 +4,6 @@ import sys
 
 import pytest
 
-from lmslim.core.runtime import Runtime
 
 # A training step's allocation pattern: several large buffers (160 MB in all) allocated, touched and freed.
 # Counts the page faults of one step in steady state.

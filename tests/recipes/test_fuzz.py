@@ -24,7 +24,6 @@ import datetime
 import math
 import os
 import resource
-import traceback
 import types
 import typing
 
@@ -58,26 +57,6 @@ def fuzz(name: str):
                                            HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
 
 
-# Bugs found by this file in code other owners edit, reported with the minimal cases pinned in
-# test_known_bugs_elsewhere below (strict xfail: when one passes, delete it and its filter here).
-def _known_bug(exc: BaseException) -> bool:
-    frames = traceback.extract_tb(exc.__traceback__)
-    files = [f.filename.replace(os.sep, "/") for f in frames]
-    # lmslim/core/safeyaml.py: a tagged scalar PyYAML's constructor cannot build (!!int, !!int +, !!bool maybe,
-    # !!timestamp x) escapes as IndexError/KeyError/AttributeError (ValueError is handled); a control
-    # character escapes as yaml.ReaderError (the SafeLoader is created outside the try).
-    if any(f.endswith("yaml/constructor.py") for f in files) and isinstance(exc, (IndexError, KeyError,
-                                                                                  AttributeError, TypeError)):
-        return True
-    if isinstance(exc, yaml.reader.ReaderError):
-        return True
-    # lmslim/train/config.py: _coerce of inf / nan for int keys and of huge integers for float keys.
-    if any(f.endswith("train/config.py") and fr.name == "_coerce" for f, fr in zip(files, frames)) and \
-            isinstance(exc, (OverflowError, ValueError)):
-        return True
-    return False
-
-
 def only_user_error(fn, *args, **kwargs):
     """Run ``fn``; a UserError must be one bounded line; any other exception fails the example."""
     try:
@@ -90,9 +69,6 @@ def only_user_error(fn, *args, **kwargs):
         # build_config's safety net turns a stray TypeError/ValueError from a rule into this; the type
         # checks must catch the value first.
         assert "invalid options (" not in message, message
-    except Exception as e:  # noqa: BLE001
-        if not _known_bug(e):
-            raise
 
 
 @pytest.fixture(autouse=True)
@@ -433,22 +409,19 @@ def _recipe_text(text: str):
         return load_recipe_file(Path(d) / "r.yaml")
 
 
-def _bug(case, raises, name):
-    return pytest.param(case, marks=pytest.mark.xfail(strict=True, raises=raises, reason="owned elsewhere; reported. "
-                                                      "When this passes, delete it and its _known_bug filter"), id=name)
-
-
 @pytest.mark.parametrize("case", [
-    _bug(lambda: _recipe_text("model: !!int\n"), IndexError, "safeyaml-empty-int-tag"),
-    _bug(lambda: _recipe_text("model: !!timestamp x\n"), AttributeError, "safeyaml-bad-timestamp-tag"),
-    _bug(lambda: apply_overrides({}, ["model=!!bool maybe"]), KeyError, "safeyaml-override-bad-bool-tag"),
-    _bug(lambda: _recipe_text("model: \x1f\n"), yaml.reader.ReaderError, "safeyaml-control-character"),
-    _bug(lambda: TrainConfig.from_dict({"max_steps": float("inf")}), OverflowError, "trainconfig-int-inf"),
-    _bug(lambda: TrainConfig.from_dict({"max_steps": float("nan")}), ValueError, "trainconfig-int-nan"),
-    _bug(lambda: TrainConfig.from_dict({"optim": {"lr": 10**400}}), OverflowError, "trainconfig-float-huge-int"),
+    pytest.param(lambda: _recipe_text("model: !!int\n"), id="yaml-empty-int-tag"),
+    pytest.param(lambda: _recipe_text("model: !!timestamp x\n"), id="yaml-bad-timestamp-tag"),
+    pytest.param(lambda: apply_overrides({}, ["model=!!bool maybe"]), id="override-bad-bool-tag"),
+    pytest.param(lambda: _recipe_text("model: \x1f\n"), id="yaml-control-character"),
+    pytest.param(lambda: TrainConfig.from_dict({"max_steps": float("inf")}), id="trainconfig-int-inf"),
+    pytest.param(lambda: TrainConfig.from_dict({"max_steps": float("nan")}), id="trainconfig-int-nan"),
+    pytest.param(lambda: TrainConfig.from_dict({"optim": {"lr": 10**400}}), id="trainconfig-float-huge-int"),
+    pytest.param(lambda: TrainConfig.from_dict({"seed": 2**63}), id="trainconfig-huge-seed"),
+    pytest.param(lambda: TrainConfig.from_dict({"optim": {"lr": float("inf")}}), id="trainconfig-inf-lr"),
 ])
-def test_known_bugs_elsewhere(case):
-    try:
+def test_fuzz_findings_are_user_errors(case):
+    """Cases the fuzzing found (YAML tags PyYAML cannot build, non-finite or huge numbers): clean errors now."""
+    with pytest.raises(UserError) as e:
         case()
-    except UserError:
-        pass
+    assert "\n" not in str(e.value) and len(str(e.value)) <= MAX_MESSAGE

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from lmslim.assets.tiny import byte_tokenizer
 from lmslim.core.errors import UserError

@@ -14,7 +14,8 @@ from lmslim.assets.tiny import build_tiny
 from lmslim.core.errors import UserError
 from lmslim.train import checkpoint as ckpt
 from lmslim.train import loop as loop_mod
-from lmslim.train.config import HealthConfig, TrainConfig, check_resume_changes
+from lmslim.train.checkpoint import check_resume_changes
+from lmslim.train.config import HealthConfig, TrainConfig
 from lmslim.train.data import tokenize
 from lmslim.train.health import HealthMonitor
 from lmslim.train.loop import TrainingDiverged, train
@@ -77,7 +78,8 @@ def test_sgd_huge_lr_never_saves_absurd_weights(tmp_path, docs, rt):
     model, ts = _data(docs)
     cfg = _cfg(**{"optim.name": "sgd", "optim.lr": 1e20, "schedule.name": "constant", "checkpoint.every_steps": 1})
     with pytest.raises(TrainingDiverged, match=r"at step 1: parameter \S+ reached \S+e\+1[89] \(limit 1e\+04, "
-                                               r"health.max_weight\); nothing was saved at this step; no good checkpoint"):
+                                               r"health.max_weight\); nothing was saved at this step; no good "
+                                               r"checkpoint"):
         train(model, ts, cfg, rt, out_dir=tmp_path)
     assert _kept(tmp_path) == [] and not (tmp_path / "model.safetensors").exists()
 

@@ -123,7 +123,7 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
     from lmslim.data.spec import load_data
     from lmslim.train.data import tokenize
 
-    from lmslim.train.config import check_resume_changes
+    from lmslim.train.checkpoint import check_resume_changes
 
     if check_resume_changes(resume_changes) and not resume:  # before the teacher is loaded
         raise UserError("--resume-changes only applies with --resume (it names what may differ from the checkpoint)")

@@ -67,7 +67,8 @@ class Scheme:
         return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
 
     def group(self, in_features: int) -> int:
-        return in_features if self.group_size is None else self.group_size
+        # A group wider than the layer is the whole row (one scale per output channel).
+        return in_features if self.group_size is None else min(self.group_size, in_features)
 
 
 # Range shrink factors tried by the clipping search (1.0 = the full range).

@@ -25,7 +25,8 @@ def _killed_before_first_checkpoint(path: Path) -> bool:
     """--out holds only what a run writes before its first checkpoint (it was stopped before one)."""
     if not path.is_dir():
         return False
-    names = {p.name for p in path.iterdir()}
+    # hidden temporaries of a write that was killed (.NAME.XXXX.tmp / .partial) hold nothing either
+    names = {p.name for p in path.iterdir() if not (p.name.startswith(".") and p.name.endswith((".tmp", ".partial")))}
     ckpts = path / "checkpoints"
     if "checkpoints" in names and ckpts.is_dir() and not any(
             p for p in ckpts.iterdir() if not p.name.endswith(".partial")):

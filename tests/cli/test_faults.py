@@ -112,7 +112,7 @@ def _trials() -> list[tuple[str, str, bool]]:
         ("distill", "checkpoint@1", True),
         ("distill", "publish@1", False),
         ("quantize", "publish@1", True),
-        ("quantize", "write@1", False),
+        ("distill", "write@1", False),                            # the run's config, before any step
         ("prune", "publish@1", False),
         ("compress", "write@1", False),                           # recipe.yaml, before any work
         ("compress", f"write@{rng.randint(2, 3)}", False),        # a measurement's JSON

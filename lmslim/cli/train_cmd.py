@@ -31,7 +31,7 @@ def _killed_before_first_checkpoint(path: Path) -> bool:
     if "checkpoints" in names and ckpts.is_dir() and not any(
             p for p in ckpts.iterdir() if not p.name.endswith(".partial")):
         names.discard("checkpoints")  # created, but no checkpoint was completed (a killed write leaves .partial)
-    return bool(names) and names <= _START_FILES
+    return names <= _START_FILES  # (an empty set: only temporaries, or nothing at all)
 
 
 @contextlib.contextmanager

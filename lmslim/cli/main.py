@@ -292,16 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("aborted\n")
         return 130
     except Exception as e:  # click usage errors and genuine bugs
-        if isinstance(e, _click_exceptions()):
-            from lmslim.core.errors import clip
+        from lmslim.core.errors import clip
 
+        if isinstance(e, _click_exceptions()):
             ctx = getattr(e, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             sys.stderr.write(f"error: {clip(e.format_message(), 500)}{where}\n")
             return 2
         if os.environ.get("LMSLIM_DEBUG"):
             raise
-        from lmslim.core.errors import clip
         from lmslim.core.io import storage_error
 
         if isinstance(e, OSError) and e.errno is not None and e.strerror:

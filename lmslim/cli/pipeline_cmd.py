@@ -26,7 +26,6 @@ def compress(
 ) -> None:
     """Run a recipe's stages, measuring quality and cost before and after each; resumable."""
     from lmslim.recipes.run import compress as run_compress
-    from lmslim.recipes.run import recipe_inputs
     from lmslim.recipes.schema import load_recipe_file
 
     # Typer cannot mix an optional positional with trailing key=value items; sort them out here.
@@ -38,12 +37,9 @@ def compress(
     spec = model or r.model
     if spec is None:
         raise UserError("no model: give MODEL or set model: in the recipe")
-    from lmslim.core.guard import check_no_overlap
-
-    # run_compress checks --out and holds its lock (for Python callers too); the cache is checked here.
-    if measure_cache is not None:
-        check_no_overlap(measure_cache, [spec, recipe, *recipe_inputs(r), out_dir], "--measure-cache")
-    results = run_compress(spec, r, raw, out_dir, overwrite=overwrite, threads=threads, measure_cache=measure_cache)
+    # run_compress checks --out and --measure-cache and holds the output's lock (for Python callers too).
+    results = run_compress(spec, r, raw, out_dir, overwrite=overwrite, threads=threads, measure_cache=measure_cache,
+                           sources=(recipe,))
     _print_variants(results)
     out.print(f"wrote {out_dir} (final model in {out_dir / 'model'})")
 

@@ -21,16 +21,19 @@ TRAIN_TASKS = ("clm", "seq-cls", "token-cls")
 _START_FILES = {"train_config.json", "metrics.jsonl", "tensorboard", "lmslim_distill.json"}
 
 
+def _temporary(name: str) -> bool:
+    # what a killed write leaves (lmslim.core.io: .NAME.XXXX.tmp, .NAME.XXXX.partial, .NAME.old): nothing to keep
+    return name.startswith(".") and name.endswith((".tmp", ".partial", ".old"))
+
+
 def _killed_before_first_checkpoint(path: Path) -> bool:
     """--out holds only what a run writes before its first checkpoint (it was stopped before one)."""
     if not path.is_dir():
         return False
-    # hidden temporaries of a write that was killed (.NAME.XXXX.tmp / .partial) hold nothing either
-    names = {p.name for p in path.iterdir() if not (p.name.startswith(".") and p.name.endswith((".tmp", ".partial")))}
+    names = {p.name for p in path.iterdir() if not _temporary(p.name)}
     ckpts = path / "checkpoints"
-    if "checkpoints" in names and ckpts.is_dir() and not any(
-            p for p in ckpts.iterdir() if not p.name.endswith(".partial")):
-        names.discard("checkpoints")  # created, but no checkpoint was completed (a killed write leaves .partial)
+    if "checkpoints" in names and ckpts.is_dir() and not any(p for p in ckpts.iterdir() if not _temporary(p.name)):
+        names.discard("checkpoints")  # created, but no checkpoint was completed
     return names <= _START_FILES  # (an empty set: only temporaries, or nothing at all)
 
 

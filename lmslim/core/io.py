@@ -86,20 +86,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def check_writable_target(path: str | os.PathLike) -> Path:
-    """Fail early (before any work) if ``path`` cannot be written later."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"output {path} is a directory; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write {path}: {probe} is not writable; choose another location")
-    return path
-
-
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Build a directory in a temporary sibling and rename it into place on success.
@@ -118,20 +104,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise storage_error(e, final) or UserError(f"cannot write {final}: {e.strerror or e}") from e
     try:
         yield tmp
-        _fsync_tree(tmp)  # the files are on disk before the rename makes them visible
         failpoint("publish")
-        if final.exists():
-            old = final.parent / f".{final.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)  # the previous result survives until the new one is in place
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-            os.replace(tmp, final)
-        os.chmod(final, 0o755)
-        _fsync_dir(final.parent)
+        publish_dir(tmp, final)
     except BaseException as e:
         if (err := storage_error(e, final)) is not None:
             raise err from e
@@ -139,6 +113,27 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make the finished folder ``tmp`` appear as ``final`` in one rename, durably.
+
+    Every file is fsynced first, so the rename never exposes data that is not on disk. An existing
+    ``final`` is moved aside (``.NAME.old``) and removed only once the new folder is in place, so a
+    crash leaves either the old result or the new one, never neither.
+    """
+    _fsync_tree(tmp)
+    os.chmod(tmp, 0o755)  # mkdtemp makes folders private; results are ordinary folders
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def _fsync_tree(folder: Path) -> None:

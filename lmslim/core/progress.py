@@ -74,8 +74,10 @@ class LineProgress:
     """
 
     def __init__(self, description: str, total: int, start: int = 0, interval_s: float = 30.0,
-                 logger: logging.Logger | None = None, stream=None, clock: Callable[[], float] = time.monotonic):
+                 logger: logging.Logger | None = None, stream=None, clock: Callable[[], float] = time.monotonic,
+                 unit: str = "step"):
         self.description, self.total, self.start, self.interval_s = description, total, start, interval_s
+        self.unit = unit
         self.logger = logger or logging.getLogger("lmslim.progress")
         self.stream = stream  # None: sys.stderr at write time (so redirections made later count)
         self.clock = clock
@@ -106,7 +108,7 @@ class LineProgress:
         rate = done / elapsed if elapsed > 0 else 0.0
         pct = f" ({100 * self.completed / self.total:.0f}%)" if self.total else ""
         parts = [f"{self.description} {self.completed}/{self.total}{pct}" + (f" {self.info}" if self.info else "")]
-        parts.append(f"{rate:.2f} steps/s" if rate >= 0.1 or not rate else f"{1 / rate:.1f} s/step")
+        parts.append(f"{rate:.2f} {self.unit}s/s" if rate >= 0.1 or not rate else f"{1 / rate:.1f} s/{self.unit}")
         parts.append(f"elapsed {_clock(elapsed)}")
         if closing:
             parts.append("done" if self.total and self.completed >= self.total else "stopped")

@@ -27,6 +27,10 @@ MAX_NODES = 100_000  # scalars + collections after alias expansion
 MAX_DEPTH = 64
 
 
+class YamlSyntaxError(UserError):
+    """The text is not YAML at all (as opposed to YAML over the bounds)."""
+
+
 def _check(node: yaml.Node, what: str) -> None:
     """Expanded size and depth of the node graph, without expanding it (memoised per node)."""
     sizes: dict[int, int] = {}
@@ -85,7 +89,7 @@ def load_yaml_text(text: str, what: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{what} is not valid YAML{where}: {problem}") from e
+        raise YamlSyntaxError(f"{what} is not valid YAML{where}: {problem}") from e
     except RecursionError as e:
         raise UserError(f"{what} nests too deeply to read; flatten it") from e
     except (ValueError, OverflowError, IndexError, KeyError, AttributeError, TypeError) as e:
@@ -120,7 +124,5 @@ def parse_value(text: str, what: str) -> Any:
         raise UserError(f"{what} is {len(text):,} characters; at most {MAX_BYTES:,} are read")
     try:
         return load_yaml_text(text, what)
-    except UserError as e:
-        if "is not valid YAML" in str(e):
-            return text
-        raise
+    except YamlSyntaxError:
+        return text

@@ -35,7 +35,8 @@ import yaml
 
 from lmslim.core.errors import UserError
 from lmslim.core.faults import failpoint
-from lmslim.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from lmslim.core.progress import LineProgress
+from lmslim.core.io import atomic_dir, atomic_write_json, atomic_write_text, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +146,21 @@ def _check_data(recipe, stage_objs) -> None:
 
 
 def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool = False, threads: int | None = None,
-             measure_cache: Path | None = None) -> dict:
-    """Run ``recipe`` on ``model_spec`` into ``out``; returns the results dict (also in results.json)."""
-    from lmslim.core.guard import check_output
+             measure_cache: Path | None = None, sources: tuple = ()) -> dict:
+    """Run ``recipe`` on ``model_spec`` into ``out``; returns the results dict (also in results.json).
+
+    ``sources``: files the recipe was read from; like every input they must not be under ``out``.
+    """
+    from lmslim.core.guard import check_no_overlap, check_output
     from lmslim.core.models import resolve
     from lmslim.core.runtime import Runtime
     from lmslim.recipes.stages import validate_stages
 
     out = Path(out)
-    with check_output(out, inputs=[model_spec, *recipe_inputs(recipe)], overwrite=overwrite) or \
-            contextlib.nullcontext():
+    inputs = [model_spec, *sources, *recipe_inputs(recipe)]
+    if measure_cache is not None:
+        check_no_overlap(measure_cache, [*inputs, out], "--measure-cache")
+    with check_output(out, inputs=inputs, overwrite=overwrite) or contextlib.nullcontext():
         stage_objs = validate_stages(recipe)
         _check_data(recipe, stage_objs)
         resolved = resolve(model_spec)
@@ -175,8 +181,8 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
     atomic_write_text(work / "recipe.yaml", yaml.safe_dump(raw, sort_keys=False))
     measurer = Measurer(recipe, threads, measure_cache)
     t_start = time.perf_counter()
-    say = _Progress(len(recipe.stages))
-    say("measuring the input model")
+    say = _stage_lines(len(recipe.stages))
+    say("measuring the input model", 0)
 
     base_dir = work / "baseline"
     base_dir.mkdir(exist_ok=True)
@@ -193,10 +199,10 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
         measure_now = recipe.measure_each_stage or i == n - 1
         if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp and (sdir / "model").is_dir():
             log.info("stage %d (%s) already done; skipping", i, spec.name)
-            say(f"stage {i + 1}/{n} ({spec.name}) already done; reused", stage_done=True)
+            say(f"stage {i + 1} ({spec.name}) already done; reused", i + 1)
             record = json.loads(done.read_text())
         else:
-            say(f"stage {i + 1}/{n} ({spec.name}) running")
+            say(f"stage {i + 1} ({spec.name}) running", i)
             if sdir.exists():
                 shutil.rmtree(sdir)
             sdir.mkdir(parents=True)
@@ -214,9 +220,9 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
             atomic_write_json(sdir / "stage.json", {"stage": spec.name, "options": spec.options, "report": report})
             weights = resolve(str(sdir / "model")).weights_hash()
             if measure_now and weights != variants[-1]["weights_sha256"]:
-                say(f"stage {i + 1}/{n} ({spec.name}) done in {report['seconds_total']:.0f} s; measuring")
+                say(f"stage {i + 1} ({spec.name}) done in {report['seconds_total']:.0f} s; measuring", i)
                 measurer.measure(str(sdir / "model"), weights, sdir)
-            say(f"stage {i + 1}/{n} ({spec.name}) finished", stage_done=True)
+            say(f"stage {i + 1} ({spec.name}) finished", i + 1)
             record = {"fingerprint": fp, "weights_sha256": weights}
             atomic_write_json(done, record)
         stage_report = json.loads((sdir / "stage.json").read_text())["report"]
@@ -248,8 +254,8 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
                "variants": _relocate(variants, work, out), "seconds": time.perf_counter() - t_start}
     atomic_write_json(work / "results.json", results)
     (work / "final.json").unlink()
-    _promote(work, out)
-    say("done", stage_done=False)
+    publish_dir(work, out)  # DIR appears in one rename, results.json inside
+    say(f"published {out}", n)
     return results
 
 
@@ -281,36 +287,12 @@ def _undo_final_move(work: Path) -> None:
     note.unlink(missing_ok=True)
 
 
-class _Progress:
-    """Progress lines on stderr when it is not a terminal (CI, log files, nohup): stage, elapsed, ETA.
+def _stage_lines(stages: int):
+    """``say(message, finished_stages)``: a progress line per compress event when stderr is not a terminal.
 
-    On a terminal the stages' own bars show progress; these lines would only clutter it.
+    On a terminal the stages' own bars show progress and these lines would only clutter it.
     """
-
-    def __init__(self, stages: int):
-        self.stages, self.done, self.t0 = stages, 0, time.perf_counter()
-        self.quiet = sys.stderr.isatty()
-
-    def __call__(self, message: str, stage_done: bool = False) -> None:
-        self.done += bool(stage_done)
-        if self.quiet:
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = ""
-        if 0 < self.done < self.stages:
-            eta = f", ETA ~{elapsed / self.done * (self.stages - self.done) / 60:.1f} min"
-        sys.stderr.write(f"compress: {message} ({self.done}/{self.stages} stages, {elapsed / 60:.1f} min{eta})\n")
-        sys.stderr.flush()
-
-
-def _promote(work: Path, out: Path) -> None:
-    """Rename the finished work folder to ``out``, replacing an old ``out`` only after success."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, out)
+    if sys.stderr.isatty():
+        return lambda message, done: None
+    lines = LineProgress("compress", stages, interval_s=0.0, logger=log, unit="stage")
+    return lambda message, done: lines.update(done, message, force=True)

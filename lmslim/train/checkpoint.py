@@ -22,11 +22,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -40,6 +38,7 @@ from torch import nn
 
 from lmslim.core.errors import UserError
 from lmslim.core.faults import failpoint
+from lmslim.core.io import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +75,6 @@ def fingerprint(model: nn.Module, extra: dict[str, nn.Parameter]) -> str:
     return h.hexdigest()[:16]
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    """fsync every file of the finished ``tmp`` folder, then rename it to ``folder`` (replacing an old one)."""
-    for f in tmp.iterdir():
-        _fsync(f)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    with contextlib.suppress(OSError):
-        fd = os.open(folder.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
 def save_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Parameter], trainer_state: dict[str, Any],
                     meta: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically (temp folder, fsync every file, rename)."""
@@ -109,7 +89,7 @@ def save_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Paramete
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         failpoint("checkpoint")  # crash tests: files written, not yet renamed into place
-        _publish(tmp, folder)
+        publish_dir(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -139,7 +119,7 @@ def save_sharded_checkpoint(folder: Path, runtime: Any, write_shards: Any, train
             torch.save(trainer_state, tmp / "trainer_state.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
             failpoint("checkpoint")
-            _publish(tmp, folder)
+            publish_dir(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     barrier(runtime)

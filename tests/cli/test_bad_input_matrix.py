@@ -69,6 +69,8 @@ def world(tmp_path_factory, unit_home):
         (w / "data.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
         (w / "empty.txt").write_text("")
         (w / "recipe.yaml").write_text(RECIPE.format(model=model, data=w / "data.txt"))
+        (w / "alone").mkdir()  # a folder that holds nothing but a recipe
+        shutil.copy(w / "recipe.yaml", w / "alone" / "recipe.yaml")
         (w / "afile").write_text("not a folder")
         state = load_file(str(model / "model.safetensors"))
         victim = next(k for k in state if "layers.1.mlp.down_proj" in k)
@@ -157,6 +159,8 @@ CASES = [
     (["compress", M, "--recipe", "{w}/recipe.yaml", "--out", M, "--overwrite"], "is the input"),
     (["compress", M, "--recipe", "{w}/recipe.yaml", "--out", M + "/run"], "lies inside input"),
     (["compress", TINY, "--recipe", "{w}/recipe.yaml", "--out", "{w}", "--overwrite"], "contains the input"),
+    (["compress", TINY, "--recipe", "{w}/alone/recipe.yaml", "--out", "{w}/alone", "--overwrite"],
+     "contains the input"),
     (["compress", M, "--recipe", "{w}/recipe.yaml", "--out", "{w}/c", "--measure-cache", M + "/mc"],
      "lies inside input"),
     (["eval", M, "--data", D, "--json", M + "/config.json"], "lies inside input"),

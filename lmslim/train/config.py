@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lmslim.core.errors import UserError
+from lmslim.train.config_values import coerce, copy_mapping, flatten, parse_scalar, set_dotted, to_plain
 
 OPTIMIZERS = ("adamw", "adam", "adagrad", "rmsprop", "sgd")
 FUSED_OPTIMIZERS = ("adamw", "adam", "adagrad", "sgd")  # torch has a fused step for these
@@ -325,19 +324,19 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> "TrainConfig":
         """Build from a nested dict plus ``key=value`` dotted overrides (values parsed as YAML scalars)."""
-        data = _deepcopy(data or {})
+        data = copy_mapping(data or {})
         if not isinstance(data, dict):
             raise UserError("a training config must be a mapping of keys to values")
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
                 raise UserError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
-            _set_dotted(data, key.strip(), _parse_scalar(raw, key.strip()))
+            set_dotted(data, key.strip(), parse_scalar(raw, key.strip()))
         return _build(cls, data, "")
 
     @classmethod
@@ -354,32 +353,10 @@ class TrainConfig:
 
     def changed_keys(self, other: "TrainConfig") -> list[str]:
         """Dotted keys whose values differ between two configs."""
-        return sorted(k for k, v in _flatten(self.to_dict()).items() if _flatten(other.to_dict()).get(k) != v)
+        return sorted(k for k, v in flatten(self.to_dict()).items() if flatten(other.to_dict()).get(k) != v)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _deepcopy(obj: Any) -> Any:
-    return {k: _deepcopy(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted key the config accepts (for hints and docs)."""
@@ -413,32 +390,6 @@ def _hint(key: str) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise UserError(f"override {key}: {p!r} is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _parse_scalar(raw: str, key: str = "value") -> Any:
-    from lmslim.core.errors import clip
-    from lmslim.core.safeyaml import parse_value
-
-    raw = raw.strip()
-    value = parse_value(raw, f"override {clip(key, 80)}") if raw else ""
-    # YAML 1.1 reads "1e-4" as a string; numbers written that way are common for learning rates.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            return value
-    return value
-
-
 _HINT_CACHE: dict[type, dict[str, Any]] = {}
 
 
@@ -459,63 +410,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         t = _hints(cls)[name]
         kwargs[name] = _build(t, value, f"{prefix}{name}.") if dataclasses.is_dataclass(t) else \
-            _coerce(value, t, prefix + name)
+            coerce(value, t, prefix + name)
     return cls(**kwargs)
 
-
-def _coerce(value: Any, t: Any, key: str) -> Any:
-    """Check (and gently convert) a leaf value against its annotation."""
-    origin = typing.get_origin(t)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        if value is None:
-            return None
-        errors = []
-        for a in args:  # the first member type that takes the value
-            try:
-                return _coerce(value, a, key)
-            except UserError as e:
-                errors.append(e)
-        raise errors[-1]
-    if origin is Literal:
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key} must be a list like [0.9, 0.999], got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(t)))
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key} must be true or false, got {value!r}")
-    if t is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or int(value) != value:
-            raise UserError(f"{key} must be an integer, got {_show(value)}")
-        if abs(int(value)) > _MAX_INT:  # beyond any step count, seed or timeout torch accepts
-            raise UserError(f"{key} must be at most {_MAX_INT:,} in magnitude, got {_show(value)}")
-        return int(value)
-    if t is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key} must be a number, got {_show(value)}")
-        if isinstance(value, int) and abs(value) > _MAX_INT:
-            raise UserError(f"{key} is too large, got {_show(value)}")
-        if not math.isfinite(value):
-            raise UserError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if t is str:
-        if not isinstance(value, str):
-            raise UserError(f"{key} must be a string, got {_show(value)}")
-        return value
-    return value
-
-
-_MAX_INT = 2**31 - 1
-
-
-def _show(value: Any) -> str:
-    from lmslim.core.configs import show
-
-    return show(value)
 
 
 __all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "PrecisionConfig", "BatchConfig", "CheckpointConfig",

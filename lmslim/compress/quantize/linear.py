@@ -13,14 +13,18 @@ counts), with per-(row, group) fp16 scales and offsets. Two execution kernels:
   SmolLM2's block matrices.
 - ``fbgemm``: the same int8 weights through fbgemm's dynamic int8 GEMM, per-token ranges applied by
   scaling each input row to unit max |x| first. Faster than ``int8`` on very wide matrices at one
-  token (the 49152-wide LM head), but on AVX2 without VNNI its u8×s8 pair products accumulate in
-  saturating int16, which measurably costs quality (SmolLM2 perplexity +3.1% vs +0.8% for ``int8``).
+  token (the 49152-wide LM head). On AVX2 without VNNI its u8×s8 pair products accumulate in
+  saturating int16 (255·127·2 > 32767), which silently wrecks results when activations span the
+  full 8-bit grid (22% relative error on a layer with an outlier channel). ``fbgemm_saturates``
+  probes the kernel once per process with a worst-case product; where it saturates, activations are
+  quantized to 7 bits (fbgemm's ``reduce_range``), which cannot overflow, at the cost of one bit.
 
 Which kernel is faster depends on the shape and the CPU; ``lmslim bench`` measures it.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -30,6 +34,31 @@ from torch import nn
 from lmslim.compress.quantize.scheme import Scheme, dequantize, pack, unpack
 
 KERNELS = ("dequant", "int8", "fbgemm")
+
+
+def _quantized_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """fbgemm's int8 per-output-channel symmetric weight for an fp32 (out, in) matrix."""
+    s = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # torch marks quantized tensor types deprecated; fbgemm's prepack still takes only them.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(w, s, zero, 0, torch.qint8)
+
+
+@functools.cache
+def fbgemm_saturates() -> bool:
+    """Whether fbgemm's dynamic int8 GEMM overflows int16 on this CPU with 8-bit activations.
+
+    The probe multiplies activation code 255 by weight code 127 in every pair: the exact sum is the
+    number of ones (63); an AVX2 kernel without VNNI clamps each pair sum to 32767 and returns about
+    half. A property of the machine, so it is probed once per process.
+    """
+    packed = torch.ops.quantized.linear_prepack(_quantized_int8_weight(torch.ones(8, 64)), None)
+    x = torch.ones(1, 64)
+    x[0, 0] = 0.0  # the range [0, 1] maps 1.0 to activation code 255
+    y = torch.ops.quantized.linear_dynamic(x, packed, False)
+    return not torch.allclose(y, torch.full_like(y, 63.0), rtol=1e-3)
 
 
 class QuantLinear(nn.Module):
@@ -58,6 +87,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._packed_int8 = None  # fbgemm prepacked weight, rebuilt from the codes, never saved
+        self._reduce_range = False  # fbgemm: 7-bit activations (set by prepare where 8 bits overflow)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: Scheme,
@@ -89,14 +119,9 @@ class QuantLinear(nn.Module):
             self._w8_t = w8.t()  # (K, N) column-major view: the layout _int_mm is fastest with
             self._w8_sum = w8.sum(1, dtype=torch.int32).float()  # (N,): for the activation zero point
         elif self.kernel == "fbgemm":
-            w = self.dequantized_weight()
-            s = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
-            zero = torch.zeros(self.out_features, dtype=torch.long)
-            with warnings.catch_warnings():
-                # torch marks quantized tensor types deprecated; fbgemm's prepack still takes only them.
-                warnings.simplefilter("ignore", UserWarning)
-                qw = torch.quantize_per_channel(w, s, zero, 0, torch.qint8)
-            self._packed_int8 = torch.ops.quantized.linear_prepack(qw, None)
+            self._packed_int8 = torch.ops.quantized.linear_prepack(_quantized_int8_weight(self.dequantized_weight()),
+                                                                   None)
+            self._reduce_range = fbgemm_saturates()  # 7-bit activations where 8 would overflow int16
         else:
             self._unpacked = self.codes()
 
@@ -134,10 +159,11 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (N, K)
         if x2.shape[0] == 1:  # one token: fbgemm's per-tensor range already is the per-token range
-            y = torch.ops.quantized.linear_dynamic(x2, self._packed_int8, False)
+            y = torch.ops.quantized.linear_dynamic(x2, self._packed_int8, self._reduce_range)
         else:
             row_scale = x2.abs().amax(1, keepdim=True).clamp(min=1e-8)  # (N, 1): per-token range
-            y = torch.ops.quantized.linear_dynamic(x2 / row_scale, self._packed_int8, False) * row_scale
+            y = torch.ops.quantized.linear_dynamic(x2 / row_scale, self._packed_int8, self._reduce_range)
+            y = y * row_scale
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -157,7 +183,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = self.scheme.group_size or "channel"
         sym = "sym" if self.scheme.symmetric else "asym"
-        return f"in={self.in_features}, out={self.out_features}, w{self.scheme.bits} g={g} {sym}, kernel={self.kernel}"
+        kernel = self.kernel + (" (7-bit activations)" if self.kernel == "fbgemm" and self._reduce_range else "")
+        return f"in={self.in_features}, out={self.out_features}, w{self.scheme.bits} g={g} {sym}, kernel={kernel}"
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -49,8 +49,9 @@ from lmslim.compress.distill import DistillConfig, DistillObjective, every_kth, 
 from lmslim.compress.distill.run import embed_set
 from lmslim.compress.quantize import quantize_
 from lmslim.compress.quantize.rtn import DynamicInt8Config
-from lmslim.compress.share import ShareConfig, save_shared, share_, unique_bytes, unique_params
-from lmslim.core.models import load_model
+from lmslim.modelio.formats.lmslim_shared import save_shared
+from lmslim.compress.share import ShareConfig, share_, unique_bytes, unique_params
+from lmslim.modelio import load_model
 from lmslim.core.runtime import Runtime
 from lmslim.data.spec import Data, load_data
 from lmslim.measure.cost import flops_per_token, shape_of

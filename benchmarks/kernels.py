@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmslim.compress.quantize.linear import QuantLinear
-from lmslim.compress.quantize.scheme import Scheme, quantize_weight
+from lmslim.nn.quant_linear import QuantLinear
+from lmslim.nn.scheme import Scheme, quantize_weight
 
 SHAPES = [(576, 1536), (1536, 576), (576, 576), (576, 49152)]
 

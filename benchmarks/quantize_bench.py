@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.data.spec import load_data
 from lmslim.measure.bench import BenchConfig, bench
 from lmslim.measure.eval import perplexity

@@ -57,7 +57,7 @@ def _models(base: str = SMOL):
     """name -> (fresh model factory, tokenizer); ``base`` = builtin:tiny-llama only to smoke-test this script."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
 
     lm = load_model(base, "clm")
     state = copy.deepcopy(lm.model.state_dict())

@@ -27,6 +27,7 @@ from lmslim.core import paths
 from lmslim.core.errors import UserError
 from lmslim.core.io import atomic_dir, atomic_write_bytes, file_lock, sha256_file
 from lmslim.core.progress import status
+from lmslim.modelio.gguf import convert_gguf
 
 log = logging.getLogger(__name__)
 
@@ -138,44 +139,6 @@ def _verified(folder: Path, verify: bool) -> bool:
             log.warning("checksum mismatch for %s; rebuilding %s", name, folder)
             return False
     return True
-
-
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF checkpoint into a plain fp32 Hugging Face folder (safetensors + tokenizer).
-
-    transformers refuses to ``save_pretrained`` a model loaded from GGUF (it carries a GGUF
-    quantization config), so the weights are moved into a fresh model built from the same config.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    kw = {"gguf_file": gguf.name}
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        src, info = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, output_loading_info=True,
-                                                         ignore_mismatched_sizes=True, **kw)
-    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
-        raise UserError(f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {e})") from e
-    from lmslim.core.models import check_loading_info
-
-    check_loading_info(src, info, str(gguf))  # a tensor the file lacks would be initialised at random
-    config = src.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config = AutoConfig.for_model(**{k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-    # A tied lm_head is absent from the GGUF state dict; anything else missing is a real problem.
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{gguf}: weights do not match the architecture (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    model.tie_weights()
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    from lmslim.core.io import check_saved_model
-
-    check_saved_model(out)
 
 
 def fetch_smollm2(verify: bool = False) -> Path:

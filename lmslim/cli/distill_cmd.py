@@ -31,9 +31,10 @@ def share(
     Quality drops until the shared model is re-trained: recover it with
     ``lmslim distill --teacher MODEL --student OUT ...``.
     """
-    from lmslim.compress.share import ShareConfig, save_shared, share_
+    from lmslim.compress.share import ShareConfig, share_
+    from lmslim.modelio import save_model
     from lmslim.core.io import atomic_dir
-    from lmslim.core.models import load_model, resolve
+    from lmslim.modelio import load_model, resolve
     from lmslim.core.runtime import Runtime
 
     config = ShareConfig(group_size=group_size, init=init, index=index, keep_norms=keep_norms)
@@ -50,7 +51,7 @@ def share(
     t0 = time.perf_counter()
     report = share_(lm.model, config)
     with atomic_dir(out_dir) as tmp:
-        save_shared(lm.model, lm.tokenizer, tmp)
+        save_model(lm.model, lm.tokenizer, tmp)
         size_after = (tmp / "model.safetensors").stat().st_size
         report.update({"model": model, "weights_sha256": lm.resolved.weights_hash(), "config": config.__dict__,
                        "size_mb_before": size_before / 1e6, "size_mb_after": size_after / 1e6,
@@ -171,7 +172,7 @@ def distill(
 
         launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
         return
-    from lmslim.core.models import resolve
+    from lmslim.modelio import resolve
     from lmslim.core.runtime import Runtime
     from lmslim.train import distributed
 

@@ -50,7 +50,7 @@ def eval_cmd(
     trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Measure quality: perplexity (clm), accuracy/F1 (seq-cls), entity F1 (token-cls), similarity (embed)."""
-    from lmslim.core.models import TASKS, load_model
+    from lmslim.modelio import TASKS, load_model
     from lmslim.core.runtime import Runtime
     from lmslim.data.spec import load_data
     from lmslim.measure import eval as ev
@@ -108,7 +108,7 @@ def bench(
     trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Measure cost on this device: prefill/decode latency, tokens/s, memory, size, FLOPs, bandwidth bound."""
-    from lmslim.core.models import load_model, resolve
+    from lmslim.modelio import load_model, resolve
     from lmslim.core.runtime import Runtime
     from lmslim.measure.bench import BenchConfig
     from lmslim.measure.bench import bench as run_bench
@@ -176,9 +176,8 @@ def quantize(
     import time
 
     from lmslim.compress.quantize import QUANTIZERS, quantize_
-    from lmslim.compress.quantize.serialize import save_quantized
     from lmslim.core.io import atomic_dir
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model, save_model
     from lmslim.core.runtime import Runtime
     from lmslim.measure.bench import peak_rss_mb
 
@@ -211,7 +210,7 @@ def quantize(
     t0 = time.perf_counter()
     report = quantize_(lm.model, config, calib_ids)
     with atomic_dir(out_dir) as tmp:
-        save_quantized(lm.model, lm.tokenizer, tmp)
+        save_model(lm.model, lm.tokenizer, tmp)
         size_after = (tmp / "model.safetensors").stat().st_size
         report.update({"model": model, "weights_sha256": lm.resolved.weights_hash(), "calib": calib if calib_ids
                        is not None else None, "size_mb_before": size_before / 1e6, "size_mb_after": size_after / 1e6,

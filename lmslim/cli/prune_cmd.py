@@ -101,9 +101,10 @@ def prune(
     import json as _json
     import time
 
-    from lmslim.compress.prune import prune_, save_pruned
+    from lmslim.compress.prune import prune_
+    from lmslim.modelio.formats.lmslim_sparse import save_pruned
     from lmslim.core.io import atomic_dir
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
     from lmslim.core.runtime import Runtime
     from lmslim.measure.bench import peak_rss_mb
 

@@ -133,7 +133,7 @@ def train(
 
         launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
         return
-    from lmslim.core.models import resolve
+    from lmslim.modelio import resolve
     from lmslim.train import distributed
 
     # Build cached assets (tiny models, GGUF conversions, fetched models) BEFORE joining the process group:

@@ -15,23 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from lmslim.core.errors import UserError
-
-_BLOCK_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "encoder.layer",
-                "bert.encoder.layer")
-
-
-def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of transformer blocks and its dotted path."""
-    for path in _BLOCK_PATHS:
-        try:
-            mod = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            return path, mod
-    raise UserError(f"{type(model).__name__}: no list of transformer blocks found (looked at {', '.join(_BLOCK_PATHS)})")
-
+from lmslim.nn.blocks import transformer_blocks  # noqa: F401 - techniques find blocks through here too
 
 class _Captured(Exception):
     pass

@@ -10,7 +10,7 @@ The bound: decode must read every weight once per step, so it cannot beat
 ``bandwidth / bytes_read_per_token``, with the read bandwidth measured in the same process.
 
 Example:
-    >>> from lmslim.core.models import load_model
+    >>> from lmslim.modelio import load_model
     >>> from lmslim.measure.bench import BenchConfig, bench
     >>> lm = load_model("builtin:tiny-llama")
     >>> r = bench(lm, BenchConfig(prompt_len=8, gen_len=4, repeats=2, warmup=1))

@@ -64,7 +64,7 @@ def _zero_bin(m: nn.Module) -> int:
     as an fp16 offset, so the code for 0.0 dequantizes to a tiny non-zero value. The count also holds
     the small weights rounded there, a slight overstatement of the pruned fraction.
     """
-    from lmslim.compress.quantize.scheme import expand_groups
+    from lmslim.nn.scheme import expand_groups
 
     w = m.dequantized_weight()  # (out, in)
     step = expand_groups(m.scale.float(), m.scheme.group(m.in_features), m.in_features)  # (out, in)

@@ -19,7 +19,7 @@ Perplexity method (``perplexity``):
     windows were built is returned under ``windows``.
 
 Example:
-    >>> from lmslim.core.models import load_model
+    >>> from lmslim.modelio import load_model
     >>> from lmslim.measure.eval import perplexity
     >>> lm = load_model("builtin:tiny-llama")
     >>> r = perplexity(lm.model, lm.tokenizer, ["some text to score"], window=8, stride=4)

@@ -37,31 +37,13 @@ from lmslim.core.errors import UserError
 from lmslim.core.faults import failpoint
 from lmslim.core.progress import LineProgress
 from lmslim.core.io import atomic_dir, atomic_write_json, atomic_write_text, publish_dir
+from lmslim.modelio import save_model
 
 log = logging.getLogger(__name__)
 
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def save_model(model, tokenizer, folder: Path) -> None:
-    """Write any model lmslim produces into an empty ``folder`` in the format ``load_model`` reads."""
-    if getattr(model.config, "lmslim_quantization", None):
-        from lmslim.compress.quantize.serialize import save_quantized
-
-        save_quantized(model, tokenizer, folder)
-        return
-    for saver in _SAVERS:
-        if saver(model, tokenizer, folder):
-            return
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-# Format-specific savers registered by technique families: ``saver(model, tok, folder) -> handled``.
-_SAVERS: list = []
 
 
 class Measurer:
@@ -152,7 +134,7 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
     ``sources``: files the recipe was read from; like every input they must not be under ``out``.
     """
     from lmslim.core.guard import check_no_overlap, check_output
-    from lmslim.core.models import resolve
+    from lmslim.modelio import resolve
     from lmslim.core.runtime import Runtime
     from lmslim.recipes.stages import validate_stages
 
@@ -172,7 +154,7 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
 
 def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolved, runtime, threads,
               measure_cache) -> dict:
-    from lmslim.core.models import load_model, resolve
+    from lmslim.modelio import load_model, resolve
     from lmslim.recipes.stages import STAGES, StageContext
 
     input_hash = resolved.weights_hash()

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmslim.recipes import run as _run
 from lmslim.recipes.stages import (StageContext, StageKind, calibration_for, config_reference, parse_method_stage,
                                    register_stage)
 
@@ -45,19 +44,9 @@ def _reference():
     return [(f"method: {name}", config_reference(cls)) for name, (cls, _) in PRUNERS.entries.items()]
 
 
-def _save_pruned(model, tokenizer, folder) -> bool:
-    if not getattr(model.config, "lmslim_pruning", None):
-        return False
-    from lmslim.compress.prune.sparse_format import save_pruned
-
-    save_pruned(model, tokenizer, folder)
-    return True
-
-
 register_stage(StageKind(
     name="prune", summary="unstructured (magnitude, wanda, sparsegpt; N:M) or structured (heads, neurons, "
     "layers) pruning. Calibrated methods also take calib_samples (128) and seq_len (512).",
     parse=_parse, run=_run_stage,
     needs=lambda s: ("calibration",) if getattr(s.config, "needs_calibration", False) else (),
     trains=True, reference=_reference))
-_run._SAVERS.append(_save_pruned)

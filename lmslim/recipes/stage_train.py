@@ -176,8 +176,8 @@ def _run_distill(lm, stage: TrainStage, ctx: StageContext):
 
     from lmslim.compress.distill.student import check_layers, check_same_vocabulary, parse_layers, \
         student_from_layers
-    from lmslim.compress.calibration import transformer_blocks
-    from lmslim.core.models import load_model
+    from lmslim.nn.blocks import transformer_blocks
+    from lmslim.modelio import load_model
 
     task = ctx.recipe.eval.task
     spec = ctx.input_spec if stage.teacher == "input" else stage.teacher
@@ -257,15 +257,6 @@ def _run_share(lm, config, ctx: StageContext):
     return lm.model, lm.tokenizer, share_(lm.model, config)
 
 
-def _save_shared(model, tokenizer, folder) -> bool:
-    if not getattr(model.config, "lmslim_sharing", None):
-        return False
-    from lmslim.compress.share.albert import save_shared
-
-    save_shared(model, tokenizer, folder)
-    return True
-
-
 def _share_reference():
     from lmslim.compress.share import ShareConfig
 
@@ -276,7 +267,3 @@ register_stage(StageKind(
     name="share", summary="ALBERT-style cross-layer sharing: one set of block weights per group of consecutive "
     "layers (fewer stored parameters; FLOPs unchanged); follow it with distill to recover",
     parse=_parse_share, run=_run_share, trains=True, reference=_share_reference))
-
-from lmslim.recipes import run as _run  # noqa: E402 - registers the saver once the stage exists
-
-_run._SAVERS.append(_save_shared)

@@ -15,7 +15,7 @@ is the model's own loss from ``batch["labels"]``. Trainable parameters outside t
 ``nn.Module`` objective's own parameters, ``extra_modules``) are optimised and checkpointed with it.
 
 Example:
-    >>> from lmslim.core.models import load_model
+    >>> from lmslim.modelio import load_model
     >>> from lmslim.core.runtime import Runtime
     >>> from lmslim.data.spec import Data
     >>> from lmslim.train.config import TrainConfig
@@ -211,7 +211,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         raise UserError("distributed.strategy=fsdp cannot train parameters outside the model yet (here: "
                         f"{', '.join(sorted(extras)[:3])}); use distributed.strategy=ddp")
     if sharded:
-        from lmslim.compress.calibration import transformer_blocks
+        from lmslim.nn.blocks import transformer_blocks
 
         blocks = transformer_blocks(model)[1]
     else:
@@ -445,19 +445,22 @@ def _track_best(state: dict[str, Any], metrics: dict[str, float], config: TrainC
 
 
 def _save_model(model: nn.Module, tokenizer: Any, folder: Path, rt: Runtime) -> None:
-    """``save_pretrained`` (+ tokenizer) into ``folder`` atomically, by rank 0.
+    """The model (+ tokenizer) into ``folder`` atomically, by rank 0, in its registered format.
 
     Every rank must call it: an FSDP model's full weights are gathered from all shards first.
     """
     from lmslim.core.io import atomic_dir
+    from lmslim.modelio import save_model
 
     state_dict = dist_.full_state_dict(model, rt)
     if rt.is_main:
         with atomic_dir(folder) as tmp:
-            kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            if state_dict is None:
+                save_model(model, tokenizer, tmp)
+            else:  # FSDP: the gathered full weights of a plain transformers model
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
     dist_.barrier(rt)
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from lmslim.core.errors import UserError
-from lmslim.core.models import LoadedModel, ResolvedModel, _architectures, load_model, resolve
+from lmslim.modelio import LoadedModel, ResolvedModel, load_model, resolve
+from lmslim.modelio.spec import architectures
 from lmslim.core.runtime import Runtime
 from lmslim.data.spec import Data
 from lmslim.train.config import TrainConfig
@@ -57,7 +58,7 @@ def load_for_training(spec: str, task: str, data: Data, runtime: Runtime, tokeni
     else:
         labels = label_names_for(data, task)
         config = _peek_config(resolve(spec))
-        archs = _architectures(config) if config is not None else []
+        archs = architectures(config) if config is not None else []
         if any(a.endswith(_HEADS[task]) for a in archs):
             lm = load_model(spec, task, torch.float32, runtime.device, trust_remote_code)
             known = [str(v) for _, v in sorted(lm.model.config.id2label.items())]
@@ -93,7 +94,7 @@ def _from_config(spec: str, task: str, data: Data, runtime: Runtime, tokenizer: 
     import transformers as tf
 
     from lmslim.assets.tiny import byte_tokenizer
-    from lmslim.core.models import _auto_class
+    from lmslim.modelio.load import auto_class
 
     path = Path(spec.removeprefix("config:")).expanduser()
     if not path.is_file():
@@ -116,7 +117,7 @@ def _from_config(spec: str, task: str, data: Data, runtime: Runtime, tokenizer: 
         if getattr(config, name, None) is None and getattr(tok, name, None) is not None:
             setattr(config, name, getattr(tok, name))
     torch.manual_seed(0)  # a from-scratch model is reproducible
-    model = _auto_class(task).from_config(config).to(runtime.device)
+    model = auto_class(task).from_config(config).to(runtime.device)
     resolved = ResolvedModel(spec, "config", None)
     lm = LoadedModel(model=model, tokenizer=tok, resolved=resolved, task=task)
     _ensure_pad(lm)

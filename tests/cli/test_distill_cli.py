@@ -89,7 +89,7 @@ def test_share_bad_input(tmp_path, capsys):
 
 
 def test_distill_untrained_then_trained_then_shared(tmp_path, capsys, text):
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
 
     base = tmp_path / "untrained"
     code, stdout, err = run(capsys, "distill", "--teacher", "builtin:tiny-llama", "--student-layers", "1",

@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 
 from lmslim.compress.distill import DistillConfig, DistillObjective, every_kth, student_from_layers
 from lmslim.compress.distill.run import embed_set
-from lmslim.compress.share import ShareConfig, save_shared, share_, unique_params
-from lmslim.core.models import load_model
+from lmslim.modelio.formats.lmslim_shared import save_shared
+from lmslim.compress.share import ShareConfig, share_, unique_params
+from lmslim.modelio import load_model
 from lmslim.core.runtime import Runtime
 from lmslim.data.spec import Data, load_data
 from lmslim.measure.eval import embed_texts

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmslim.compress.prune import HeadsConfig, LayersConfig, MagnitudeConfig, NeuronsConfig, WandaConfig, prune_, \
-    save_pruned
-from lmslim.core.models import load_model
+from lmslim.compress.prune import HeadsConfig, LayersConfig, MagnitudeConfig, NeuronsConfig, WandaConfig, prune_
+from lmslim.modelio.formats.lmslim_sparse import save_pruned
+from lmslim.modelio import load_model
 from lmslim.data.calib import calibration_ids
 from lmslim.data.spec import load_data
 from lmslim.measure.eval import perplexity

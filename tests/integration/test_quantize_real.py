@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lmslim.compress.quantize import DynamicInt8Config, RTNConfig, quantize_
-from lmslim.compress.quantize.linear import QuantLinear
-from lmslim.core.models import load_model
+from lmslim.nn.quant_linear import QuantLinear
+from lmslim.modelio import load_model
 from lmslim.data.spec import load_data
 from lmslim.measure.eval import perplexity
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lmslim.cli.main import main
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.data.spec import load_data
 from lmslim.data.synthetic import synthetic_ner, to_conll
 from lmslim.measure.eval import perplexity

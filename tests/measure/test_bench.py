@@ -1,7 +1,7 @@
 import pytest
 
 from lmslim.core.errors import UserError
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.measure.bench import BenchConfig, bench, percentile
 
 REQUIRED = {"prefill_ms_p50": float, "prefill_ms_p95": float, "decode_tokens_per_s": float, "peak_rss_mb": float,

@@ -59,7 +59,7 @@ def test_max_tokens_truncates():
 
 
 def test_perplexity_on_real_tiny_model_is_deterministic():
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
 
     lm = load_model("builtin:tiny-llama")
     a = perplexity(lm.model, lm.tokenizer, DOCS, window=16, stride=8)
@@ -96,7 +96,7 @@ def test_mean_pool_ignores_padding():
 
 
 def test_embedding_quality_self_reference_and_spearman():
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
 
     lm = load_model("builtin:tiny-bert", task="embed")
     data = Data("pairs", "embed", texts=["a cat", "a dog", "stock prices"], texts_b=["a cat!", "the bank", "x"],

@@ -174,7 +174,7 @@ def test_eval_cli_records_windows(llama_bos, tmp_path, capsys):
 def test_smollm2_windows():
     """SmolLM2's tokenizer (from its GGUF: add_bos_token false) adds no BOS, so its windows are plain
     text; whichever way it frames text, windows start as the tokenizer starts a text and are stable."""
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
     from lmslim.data.spec import load_data
 
     lm = load_model("builtin:smollm2-135m")

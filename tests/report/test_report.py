@@ -114,7 +114,7 @@ def test_quantized_row_not_called_sparse_pruned_row_is(tmp_path):
 
     from lmslim.compress.prune import WandaConfig, prune_
     from lmslim.compress.quantize import GPTQConfig, quantize_
-    from lmslim.core.models import LoadedModel, ResolvedModel, load_model
+    from lmslim.modelio import LoadedModel, ResolvedModel, load_model
 
     def fresh():
         lm = load_model("builtin:tiny-llama")
@@ -191,7 +191,7 @@ def test_natural_zeros_real_models(tmp_path):
 
     from lmslim.compress.prune import WandaConfig, prune_
     from lmslim.compress.quantize import RTNConfig, quantize_
-    from lmslim.core.models import LoadedModel, ResolvedModel, load_model
+    from lmslim.modelio import LoadedModel, ResolvedModel, load_model
 
     def fresh():
         lm = load_model("builtin:tiny-llama")

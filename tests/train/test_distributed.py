@@ -96,7 +96,7 @@ def test_fsdp_matches_one_process_and_exports_a_normal_folder(text, tmp_path):
           "checkpoint.every_steps=2", nproc=2)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "fsdp")) < ATOL
     # The consolidated export loads as a plain model; checkpoints are sharded (one file per rank).
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
 
     assert load_model(str(tmp_path / "fsdp")).model.config.num_hidden_layers == 2
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-0000004"
@@ -278,7 +278,7 @@ def test_parallel_loading_gives_the_same_batches(docs):
 
 
 def test_training_with_loader_workers_equals_in_process_loading(docs, rt):
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
     from lmslim.train.config import TrainConfig
     from lmslim.train.data import tokenize
     from lmslim.train.loop import train as run

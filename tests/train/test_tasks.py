@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lmslim.core.errors import UserError
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.data.spec import Data
 from lmslim.data.synthetic import synthetic_ner, synthetic_sentiment
 from lmslim.measure.eval import classify, token_classify

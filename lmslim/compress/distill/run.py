@@ -41,7 +41,7 @@ def build_student(teacher_lm: Any, *, student: str | None = None, student_layers
                   device: torch.device | str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any, dict]:
     """The student model, its tokenizer and a description of where it came from (exactly one source)."""
     from lmslim.compress.calibration import transformer_blocks
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
 
     if sum(x is not None for x in (student, student_layers, student_config)) != 1:
         raise UserError("give exactly one of --student MODEL, --student-layers K and --student-config FILE")
@@ -118,7 +118,7 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
     """
     from lmslim.compress.calibration import transformer_blocks
     from lmslim.core.io import atomic_dir, atomic_write_json
-    from lmslim.core.models import load_model
+    from lmslim.modelio import load_model
     from lmslim.core.runtime import Runtime
     from lmslim.data.spec import load_data
     from lmslim.train.data import tokenize

@@ -3,7 +3,7 @@
 Unstructured / N:M (zeros inside dense matrices): magnitude, Wanda, SparseGPT.
 Structured (matrices physically shrink): attention heads, FFN neurons, whole decoder layers,
 embedding width (hidden size).
-Saving: ``save_pruned`` / ``load_pruned`` (bitmask-compressed sparse weights, non-uniform shapes).
+Saving: ``lmslim.modelio.save_model`` (bitmask-compressed sparse weights, non-uniform shapes).
 """
 
 from lmslim.compress.prune.api import PRUNERS, prune_
@@ -12,7 +12,6 @@ from lmslim.compress.prune.sparsegpt import SparseGPTConfig
 from lmslim.compress.prune.structured import HeadsConfig, LayersConfig, NeuronsConfig
 from lmslim.compress.prune.wanda import WandaConfig
 from lmslim.compress.prune.width import WidthConfig
-from lmslim.compress.prune.sparse_format import load_pruned, save_pruned
 
 __all__ = ["PRUNERS", "prune_", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "HeadsConfig", "NeuronsConfig",
-           "LayersConfig", "WidthConfig", "save_pruned", "load_pruned"]
+           "LayersConfig", "WidthConfig"]

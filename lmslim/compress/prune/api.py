@@ -7,7 +7,7 @@ Two kinds of method live here:
 
 - *unstructured / semi-structured* (``magnitude``, ``wanda``, ``sparsegpt``): weights are set to
   zero inside dense matrices. Shapes do not change; the zeros only save space when the model is
-  saved compressed (``sparse_format``) and save no time on dense kernels.
+  saved compressed (``lmslim.modelio.formats``) and save no time on dense kernels.
 - *structured* (``heads``, ``neurons``, ``layers``): rows, columns or whole blocks are removed, so
   the matrices physically shrink and every device runs the model faster.
 

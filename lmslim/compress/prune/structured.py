@@ -24,7 +24,7 @@ block, so shapes stay uniform and the saved folder reloads with plain ``transfor
 ``num_key_value_heads`` and an explicit ``head_dim``). ``scope="global"`` ranks units across all
 blocks (closer to the requested fraction, e.g. 23 of SmolLM2's 90 KV groups = 25.6%), giving
 per-layer shapes that differ; those are recorded in ``config.lmslim_structure`` and rebuilt by
-``lmslim.compress.prune.sparse_format.load_pruned`` (every ``lmslim`` command loads them).
+``lmslim.modelio.load_model`` (every ``lmslim`` command loads them).
 
 Supported layouts: Llama-style blocks (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``:
 Llama, SmolLM2, Mistral, Qwen2) and GPT-2 (``attn.c_attn``/``c_proj``, ``mlp.c_fc``/``c_proj``).
@@ -50,13 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmslim.compress.calibration import transformer_blocks
 from lmslim.compress.prune.api import PRUNERS, check_fraction, linear_weight
 from lmslim.core.configs import check_fields
 from lmslim.core.errors import UserError
 from lmslim.core.targeting import set_submodule
+from lmslim.nn.blocks import attention, family, new_linear_like, transformer_blocks
+from lmslim.nn.structure import STRUCTURE_FORMAT
 
-STRUCTURE_FORMAT = 1
 
 
 def round_half_up(x: float) -> int:
@@ -137,29 +137,11 @@ class LayersConfig(_StructSpec):
 
 # --- architecture access ---------------------------------------------------------------------------
 
-def family(model: nn.Module) -> str | None:
-    """``llama`` (q/k/v/o + gate/up/down), ``gpt2`` (c_attn/c_proj + c_fc/c_proj) or None."""
-    _, blocks = transformer_blocks(model)
-    b = blocks[0]
-    attn, mlp = getattr(b, "self_attn", None), getattr(b, "mlp", None)
-    if attn is not None and mlp is not None and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) \
-            and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        return "llama"
-    attn = getattr(b, "attn", None)
-    if attn is not None and hasattr(attn, "c_attn") and mlp is not None and hasattr(mlp, "c_fc"):
-        return "gpt2"
-    return None
-
-
 def _need_family(model: nn.Module, what: str) -> str:
     fam = family(model)
     if fam is None:
         raise UserError(f"{type(model).__name__}: pruning {what} supports Llama-style and GPT-2 blocks only")
     return fam
-
-
-def _attn(block):
-    return getattr(block, "self_attn", None) or block.attn
 
 
 def _down(block, fam):
@@ -168,24 +150,11 @@ def _down(block, fam):
 
 def _head_layout(block, fam) -> tuple[int, int, int]:
     """(query heads, KV heads, head_dim) of one block as its modules are now."""
-    attn = _attn(block)
+    attn = attention(block)
     if fam == "llama":
         d = attn.head_dim
         return linear_weight(attn.q_proj).shape[0] // d, linear_weight(attn.k_proj).shape[0] // d, d
     return attn.num_heads, attn.num_heads, attn.head_dim
-
-
-def _new_module(like: nn.Module, out: int, inp: int, bias: bool) -> nn.Module:
-    """An uninitialised Linear/Conv1D of shape (out, in), same kind and dtype as ``like``."""
-    dtype = like.weight.dtype
-    if type(like).__name__ == "Conv1D":
-        new = type(like).__new__(type(like))
-        nn.Module.__init__(new)
-        new.nf, new.nx = out, inp
-        new.weight = nn.Parameter(torch.empty(inp, out, dtype=dtype))  # Conv1D stores (in, out)
-        new.bias = nn.Parameter(torch.empty(out, dtype=dtype)) if bias else None
-        return new
-    return nn.utils.skip_init(nn.Linear, inp, out, bias=bias, dtype=dtype)
 
 
 def _select(mod: nn.Module, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> nn.Module:
@@ -196,7 +165,7 @@ def _select(mod: nn.Module, out_idx: torch.Tensor | None = None, in_idx: torch.T
     if in_idx is not None:
         w = w[:, in_idx]
     bias = getattr(mod, "bias", None)
-    new = _new_module(mod, w.shape[0], w.shape[1], bias is not None)
+    new = new_linear_like(mod, w.shape[0], w.shape[1], bias is not None)
     linear_weight(new).copy_(w)
     if bias is not None:
         new.bias.data.copy_(bias.data if out_idx is None else bias.data[out_idx])
@@ -245,7 +214,7 @@ def head_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) -> l
     """Per block, the mean over tokens of ‖a_h W_o,hᵀ‖₂ for every query head h."""
     fam = _need_family(model, "attention heads")
     _, blocks = transformer_blocks(model)
-    outs = [_attn(b).o_proj if fam == "llama" else _attn(b).c_proj for b in blocks]
+    outs = [attention(b).o_proj if fam == "llama" else attention(b).c_proj for b in blocks]
     grams, sums, count = [], [], [0] * len(blocks)
     for b, o in zip(blocks, outs):
         h, _, d = _head_layout(b, fam)
@@ -349,7 +318,7 @@ def shrink_neurons(block: nn.Module, fam: str, keep: torch.Tensor) -> None:
 
 def shrink_heads(block: nn.Module, fam: str, keep_groups: torch.Tensor) -> None:
     """Keep the given KV groups (Llama) / heads (GPT-2) of one block."""
-    attn = _attn(block)
+    attn = attention(block)
     h, kv, d = _head_layout(block, fam)
     if fam == "llama":
         r = h // kv  # query heads per KV head; repeat_kv maps query head q to KV head q // r
@@ -412,7 +381,7 @@ def sync_config(model: nn.Module) -> None:
     s0 = shapes[0]
     if fam == "llama":
         _, blocks = transformer_blocks(model)
-        cfg.head_dim = _attn(blocks[0]).head_dim  # explicit: hidden / heads no longer gives it
+        cfg.head_dim = attention(blocks[0]).head_dim  # explicit: hidden / heads no longer gives it
         expressible = uniform
         if uniform:
             cfg.intermediate_size = s0["intermediate_size"]
@@ -428,39 +397,6 @@ def sync_config(model: nn.Module) -> None:
             del cfg.lmslim_structure
     else:
         cfg.lmslim_structure = {"format": STRUCTURE_FORMAT, "family": fam, "layers": shapes}
-
-
-def apply_structure(model: nn.Module, record: dict[str, Any]) -> None:
-    """Reshape a freshly built model's blocks to a ``lmslim_structure`` record (weights left empty)."""
-    if record.get("format") != STRUCTURE_FORMAT:
-        raise UserError(f"structure format {record.get('format')} is not supported by this lmslim")
-    fam = family(model)
-    _, blocks = transformer_blocks(model)
-    if fam != record.get("family") or len(blocks) != len(record["layers"]):
-        raise UserError("the lmslim_structure record does not match the model's architecture or layer count")
-    for block, s in zip(blocks, record["layers"]):
-        attn, mlp = _attn(block), block.mlp
-        h, kv, inter = s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"]
-        if fam == "llama":
-            d = attn.head_dim
-            hidden = linear_weight(attn.q_proj).shape[1]
-            for name, out in (("q_proj", h * d), ("k_proj", kv * d), ("v_proj", kv * d)):
-                old = getattr(attn, name)
-                setattr(attn, name, _new_module(old, out, hidden, old.bias is not None))
-            attn.o_proj = _new_module(attn.o_proj, hidden, h * d, attn.o_proj.bias is not None)
-            attn.num_key_value_groups = h // kv
-            for name in ("gate_proj", "up_proj"):
-                old = getattr(mlp, name)
-                setattr(mlp, name, _new_module(old, inter, hidden, old.bias is not None))
-            mlp.down_proj = _new_module(mlp.down_proj, hidden, inter, mlp.down_proj.bias is not None)
-        else:
-            d = attn.head_dim
-            hidden = linear_weight(attn.c_attn).shape[1]
-            attn.c_attn = _new_module(attn.c_attn, 3 * h * d, hidden, True)
-            attn.c_proj = _new_module(attn.c_proj, hidden, h * d, True)
-            attn.num_heads, attn.split_size = h, h * d
-            mlp.c_fc = _new_module(mlp.c_fc, inter, hidden, True)
-            mlp.c_proj = _new_module(mlp.c_proj, hidden, inter, True)
 
 
 # --- handlers --------------------------------------------------------------------------------------

@@ -38,11 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmslim.compress.calibration import transformer_blocks
 from lmslim.compress.prune.api import PRUNERS
-from lmslim.compress.prune.structured import _StructSpec, _attn, _calibrate, _complement, _select, family, \
-    round_half_up
+from lmslim.compress.prune.structured import _StructSpec, _calibrate, _complement, _select, round_half_up
 from lmslim.core.errors import UserError
+from lmslim.nn.blocks import attention, family, transformer_blocks
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def shrink_width(model: nn.Module, keep: torch.Tensor) -> None:
 
     _, blocks = transformer_blocks(model)
     for block in blocks:
-        attn, mlp = _attn(block), block.mlp
+        attn, mlp = attention(block), block.mlp
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(attn, name, _select(getattr(attn, name), in_idx=keep))
         attn.o_proj = _select(attn.o_proj, out_idx=keep)
@@ -129,7 +128,7 @@ def shrink_width(model: nn.Module, keep: torch.Tensor) -> None:
         norm_(block.post_attention_layernorm)
     norm_(_final_norm(model))
     cfg = model.config
-    cfg.head_dim = _attn(blocks[0]).head_dim  # explicit: hidden / heads no longer gives it
+    cfg.head_dim = attention(blocks[0]).head_dim  # explicit: hidden / heads no longer gives it
     cfg.hidden_size = len(keep)
 
 

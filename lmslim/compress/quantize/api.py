@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmslim.compress.quantize.linear import KERNELS, QuantLinear
+from lmslim.nn.quant_linear import KERNELS, QuantLinear
 from lmslim.core.configs import check_fields, check_patterns, show
 from lmslim.core.errors import UserError
 from lmslim.core.registry import Registry

@@ -39,8 +39,8 @@ from torch import nn
 
 from lmslim.compress.calibration import InputStats, run_block, sequential, transformer_blocks
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, targets_of
-from lmslim.compress.quantize.linear import linear_weight
-from lmslim.compress.quantize.scheme import Scheme, dequantize, quantize_weight
+from lmslim.nn.quant_linear import linear_weight
+from lmslim.nn.scheme import Scheme, dequantize, quantize_weight
 from lmslim.compress.quantize.smoothquant import _GROUPS, _family, fold_scales_
 from lmslim.core.errors import UserError
 from lmslim.core.progress import track

@@ -34,8 +34,8 @@ import torch
 from lmslim.compress.calibration import InputStats, run_block, sequential, transformer_blocks
 from lmslim.compress.quantize.awq import BlockStats, awq_scale_block_, collect_stats
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, resolve_kernel, targets_of
-from lmslim.compress.quantize.linear import QuantLinear, linear_weight
-from lmslim.compress.quantize.scheme import Scheme, _params_for, group_params, search_params
+from lmslim.nn.quant_linear import QuantLinear, linear_weight
+from lmslim.nn.scheme import Scheme, _params_for, group_params, search_params
 from lmslim.core.errors import UserError
 from lmslim.core.progress import track
 from lmslim.core.targeting import set_submodule

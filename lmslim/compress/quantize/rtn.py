@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, resolve_kernel, targets_of
-from lmslim.compress.quantize.linear import QuantLinear, linear_weight
-from lmslim.compress.quantize.scheme import Scheme, quantize_weight
+from lmslim.nn.quant_linear import QuantLinear, linear_weight
+from lmslim.nn.scheme import Scheme, quantize_weight
 from lmslim.core.errors import UserError
 from lmslim.core.targeting import set_submodule
 

@@ -5,10 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmslim.assets.tiny import build_tiny
-from lmslim.compress.prune import MagnitudeConfig, NeuronsConfig, SparseGPTConfig, prune_, save_pruned
-from lmslim.compress.prune.sparse_format import decode, encode
+from lmslim.compress.prune import MagnitudeConfig, NeuronsConfig, SparseGPTConfig, prune_
+from lmslim.modelio.formats.lmslim_sparse import save_pruned
+from lmslim.modelio.formats.lmslim_sparse import decode, encode
 from lmslim.core.errors import UserError
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.measure.bench import BenchConfig, bench
 
 CALIB = torch.randint(10, 200, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -5,11 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lmslim.assets.tiny import build_tiny
-from lmslim.compress.prune import HeadsConfig, LayersConfig, NeuronsConfig, prune_, save_pruned
+from lmslim.compress.prune import HeadsConfig, LayersConfig, NeuronsConfig, prune_
+from lmslim.modelio.formats.lmslim_sparse import save_pruned
 from lmslim.compress.prune.api import linear_weight
 from lmslim.compress.prune.structured import _complement, choose_removed, head_scores, neuron_scores
 from lmslim.core.errors import UserError
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 
 CALIB = torch.randint(10, 200, (4, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(1))

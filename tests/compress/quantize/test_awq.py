@@ -7,10 +7,10 @@ from lmslim.assets.tiny import build_tiny
 from lmslim.compress.calibration import capture_block_inputs, run_block, transformer_blocks
 from lmslim.compress.quantize import AWQConfig, GPTQConfig, RTNConfig, quantize_
 from lmslim.compress.quantize.awq import awq_scale_block_, collect_stats, search_scale
-from lmslim.compress.quantize.scheme import Scheme, fake_quantize
-from lmslim.compress.quantize.serialize import save_quantized
+from lmslim.nn.scheme import Scheme, fake_quantize
+from lmslim.modelio.formats.lmslim_quantized import save_quantized
 from lmslim.core.errors import UserError
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.core.targeting import is_linear_like
 
 

@@ -50,7 +50,7 @@ def test_true_sequential_changes_what_later_matrices_are_calibrated_on():
 
 
 def test_clip_search_never_increases_rounding_error():
-    from lmslim.compress.quantize.scheme import Scheme, dequantize, quantize_weight
+    from lmslim.nn.scheme import Scheme, dequantize, quantize_weight
 
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     w[:, 7] *= 8  # an outlier column: clipping it helps the other weights of its groups

@@ -8,11 +8,11 @@ from lmslim.assets.tiny import build_tiny
 from lmslim.compress.calibration import capture_block_inputs, run_block, transformer_blocks
 from lmslim.compress.quantize import DynamicInt8Config, GPTQConfig, RTNConfig, quantize_
 from lmslim.compress.quantize.gptq import gptq_quantize
-from lmslim.compress.quantize.linear import QuantLinear, fbgemm_saturates
-from lmslim.compress.quantize.scheme import Scheme, dequantize, fake_quantize, quantize_weight
-from lmslim.compress.quantize.serialize import save_quantized
+from lmslim.nn.quant_linear import QuantLinear, fbgemm_saturates
+from lmslim.nn.scheme import Scheme, dequantize, fake_quantize, quantize_weight
+from lmslim.modelio.formats.lmslim_quantized import save_quantized
 from lmslim.core.errors import UserError
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.measure import cost
 
 

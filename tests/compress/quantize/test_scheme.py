@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmslim.compress.quantize.scheme import Scheme, dequantize, fake_quantize, group_params, pack, quantize_weight, \
+from lmslim.nn.scheme import Scheme, dequantize, fake_quantize, group_params, pack, quantize_weight, \
     unpack
 from lmslim.core.errors import UserError
 

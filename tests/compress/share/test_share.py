@@ -4,9 +4,10 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmslim.assets.tiny import build_tiny, byte_tokenizer
-from lmslim.compress.share import ShareConfig, save_shared, share_, unique_params
+from lmslim.modelio.formats.lmslim_shared import save_shared
+from lmslim.compress.share import ShareConfig, share_, unique_params
 from lmslim.core.errors import UserError
-from lmslim.core.models import load_model
+from lmslim.modelio import load_model
 from lmslim.measure.cost import flops_per_token, shape_of
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmslim.compress.quantize.scheme import Scheme, dequantize, pack, unpack
+from lmslim.nn.scheme import Scheme, dequantize, pack, unpack
 
 KERNELS = ("dequant", "int8", "fbgemm")
 
@@ -66,8 +66,8 @@ class QuantLinear(nn.Module):
 
     Example:
         >>> import torch
-        >>> from lmslim.compress.quantize.linear import QuantLinear
-        >>> from lmslim.compress.quantize.scheme import Scheme, quantize_weight
+        >>> from lmslim.nn.quant_linear import QuantLinear
+        >>> from lmslim.nn.scheme import Scheme, quantize_weight
         >>> lin = torch.nn.Linear(16, 4)
         >>> s = Scheme(bits=8, group_size=None, symmetric=True)
         >>> q = QuantLinear.from_codes(*quantize_weight(lin.weight.data, s), s, lin.bias.data)

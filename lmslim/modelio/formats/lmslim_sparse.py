@@ -1,4 +1,4 @@
-"""Saving and loading pruned models.
+"""lmslim's own pruned format (``lmslim_sparsity`` / ``lmslim_structure`` in config.json).
 
 Format (a normal HF folder; only what pruning changed differs):
 
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmslim.compress.quantize.serialize import unique_state_dict  # tied tensors stored once
 from lmslim.core.errors import UserError
+from lmslim.modelio.formats import ModelFormat, register_format, save_config_and_tokenizer, unique_state_dict
+from lmslim.nn.structure import apply_structure
 
 SPARSITY_FORMAT = 1
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -85,19 +86,13 @@ def save_pruned(model, tokenizer, folder: Path, compress: bool = True) -> dict[s
         cfg.lmslim_sparsity = {"format": SPARSITY_FORMAT, "tensors": record}
     elif hasattr(cfg, "lmslim_sparsity"):
         del cfg.lmslim_sparsity
-    cfg.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    save_config_and_tokenizer(model, tokenizer, folder)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return {"compressed_tensors": len(record), "bytes": (folder / "model.safetensors").stat().st_size}
 
 
-def load_pruned(folder: Path, config, auto_class):
+def load_pruned(folder: Path, config, auto_class, dtype: torch.dtype = torch.float32):
     """Rebuild a model saved by :func:`save_pruned` (per-layer shapes and/or compressed tensors)."""
-    from lmslim.compress.prune.structured import apply_structure
-
     sparsity = getattr(config, "lmslim_sparsity", None) or {}
     if sparsity and sparsity.get("format") != SPARSITY_FORMAT:
         raise UserError(f"{folder}: sparse format {sparsity.get('format')} is not supported by this lmslim")
@@ -125,3 +120,12 @@ def load_pruned(folder: Path, config, auto_class):
         # plain save_pretrained (e.g. after recovery training) must not claim compressed tensors.
         del model.config.lmslim_sparsity
     return model
+
+
+def _detects(config) -> bool:
+    return bool(getattr(config, "lmslim_sparsity", None) or getattr(config, "lmslim_structure", None))
+
+
+register_format(ModelFormat("lmslim-sparse", claims=lambda model: bool(getattr(model.config, "lmslim_pruning", None)),
+                            save=lambda model, tokenizer, folder: save_pruned(model, tokenizer, folder) and None,
+                            detects=_detects, load=load_pruned))

@@ -1,4 +1,4 @@
-"""Saving and loading quantized models.
+"""lmslim's own quantized format (``lmslim_quantization`` in config.json).
 
 Format (a normal HF folder plus integer tensors):
 
@@ -23,38 +23,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmslim.compress.quantize.linear import QuantLinear
-from lmslim.compress.quantize.scheme import Scheme
+from lmslim.nn.quant_linear import QuantLinear
+from lmslim.nn.scheme import Scheme
 from lmslim.core.errors import UserError
 from lmslim.core.targeting import set_submodule
-
-
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (the first name wins), contiguous for safetensors."""
-    seen: dict[tuple[int, int], str] = {}
-    out = {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.numel())
-        if t.numel() and key in seen:
-            continue
-        seen[key] = name
-        out[name] = t.detach().contiguous().cpu()
-    return out
+from lmslim.modelio.formats import ModelFormat, register_format, save_config_and_tokenizer, unique_state_dict
 
 
 def save_quantized(model, tokenizer, folder: Path) -> None:
     """Write a quantized model into ``folder`` (which must exist and be empty; see ``atomic_dir``)."""
     if not getattr(model.config, "lmslim_quantization", None):
         raise ValueError("model carries no lmslim_quantization record; quantize it with quantize_ first")
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    save_config_and_tokenizer(model, tokenizer, folder)
     save_file(unique_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def load_quantized(folder: Path, config, auto_class):
+def load_quantized(folder: Path, config, auto_class, dtype: torch.dtype = torch.float32):
     """Rebuild a model saved by :func:`save_quantized`."""
     record = config.lmslim_quantization
     if record.get("format") != 2:
@@ -73,3 +57,12 @@ def load_quantized(folder: Path, config, auto_class):
         raise UserError(f"{folder}: quantized weights do not match the recorded layout "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
+
+
+def _claims(model) -> bool:
+    return bool(getattr(model.config, "lmslim_quantization", None))
+
+
+register_format(ModelFormat("lmslim-quantized", claims=_claims, save=save_quantized,
+                            detects=lambda config: bool(getattr(config, "lmslim_quantization", None)),
+                            load=load_quantized))

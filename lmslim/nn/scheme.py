@@ -20,7 +20,7 @@ columns. Nothing is padded in the stored codes.
 
 Example:
     >>> import torch
-    >>> from lmslim.compress.quantize.scheme import Scheme, quantize_weight, dequantize
+    >>> from lmslim.nn.scheme import Scheme, quantize_weight, dequantize
     >>> w = torch.randn(8, 20)
     >>> q, s, z = quantize_weight(w, Scheme(bits=4, group_size=8))
     >>> dequantize(q, s, z, 8).shape

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from lmslim.assets.tiny import build_tiny, byte_tokenizer
-from lmslim.core import models
+from lmslim.modelio import spec as models
 from lmslim.core.errors import UserError
-from lmslim.core.models import check_safetensors, load_model, resolve
+from lmslim.modelio import load_model, resolve
+from lmslim.modelio.spec import check_safetensors
 
 
 @pytest.mark.parametrize("name,task,arch", [("tiny-llama", "clm", "LlamaForCausalLM"),

@@ -4,8 +4,9 @@ A format registers four things in one place (its own module):
 
 - ``claims(model)``: whether an in-memory model must be written in this format (e.g. it holds
   quantized modules); the first registered format that claims a model saves it;
-- ``save(model, tokenizer, folder)``: write into an existing, empty ``folder`` (callers wrap it in
-  ``lmslim.core.io.atomic_dir`` so a folder is published only when complete);
+- ``save(model, tokenizer, folder, dense)``: write into an existing, empty ``folder`` (callers wrap
+  it in ``lmslim.core.io.atomic_dir`` so a folder is published only when complete); ``dense``
+  asks for zeros stored as ordinary dense tensors (no sparse compression), for tools that need that;
 - ``detects(config)``: whether a saved folder, judged by its ``config.json``, is in this format;
 - ``load(folder, config, auto_class, dtype)``: rebuild the model.
 
@@ -33,7 +34,7 @@ from torch import nn
 class ModelFormat:
     name: str
     claims: Callable[[nn.Module], bool]
-    save: Callable[[nn.Module, Any, Path], None]
+    save: Callable[[nn.Module, Any, Path, bool], None]
     detects: Callable[[Any], bool]
     load: Callable[[Path, Any, Any, torch.dtype], nn.Module]
 
@@ -77,8 +78,11 @@ def format_for_model(model: nn.Module) -> ModelFormat | None:
     return next((f for f in registered_formats() if f.claims(model)), None)
 
 
-def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> str:
+def save_model(model: nn.Module, tokenizer: Any, folder: Path, *, dense: bool = False) -> str:
     """Write any model lmslim produces into an empty ``folder`` in the format ``load_model`` reads.
+
+    Args:
+        dense: store pruned zeros densely instead of sparse-compressed (same numbers, larger file).
 
     Returns:
         The format's name (``hf`` for a plain transformers folder).
@@ -86,7 +90,7 @@ def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> str:
     folder = Path(folder)
     fmt = format_for_model(model)
     if fmt is not None:
-        fmt.save(model, tokenizer, folder)
+        fmt.save(model, tokenizer, folder, dense)
         return fmt.name
     model.save_pretrained(folder)
     if tokenizer is not None:

@@ -63,6 +63,6 @@ def _claims(model) -> bool:
     return bool(getattr(model.config, "lmslim_quantization", None))
 
 
-register_format(ModelFormat("lmslim-quantized", claims=_claims, save=save_quantized,
+register_format(ModelFormat("lmslim-quantized", claims=_claims, save=lambda model, tokenizer, folder, dense: save_quantized(model, tokenizer, folder),
                             detects=lambda config: bool(getattr(config, "lmslim_quantization", None)),
                             load=load_quantized))

@@ -53,6 +53,6 @@ def _claims(model) -> bool:
     return bool(getattr(model.config, "lmslim_sharing", None))
 
 
-register_format(ModelFormat("lmslim-shared", claims=_claims, save=save_shared,
+register_format(ModelFormat("lmslim-shared", claims=_claims, save=lambda model, tokenizer, folder, dense: save_shared(model, tokenizer, folder),
                             detects=lambda config: bool(getattr(config, "lmslim_sharing", None)),
                             load=load_shared))

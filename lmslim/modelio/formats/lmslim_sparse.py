@@ -127,5 +127,5 @@ def _detects(config) -> bool:
 
 
 register_format(ModelFormat("lmslim-sparse", claims=lambda model: bool(getattr(model.config, "lmslim_pruning", None)),
-                            save=lambda model, tokenizer, folder: save_pruned(model, tokenizer, folder) and None,
+                            save=lambda model, tokenizer, folder, dense: save_pruned(model, tokenizer, folder, compress=not dense) and None,
                             detects=_detects, load=load_pruned))

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -100,14 +100,23 @@ def torchrun_args(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int =
 
 
 def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-           master_port: Optional[int] = None, threads: Optional[int] = None) -> None:
+           master_port: Optional[int] = None, threads: Optional[int] = None, distributed: Any = None,
+           model: Optional[str] = None) -> None:
     """Run ``lmslim <argv>`` as ``nproc`` workers on this node; returns when all of them finished.
 
+    Args:
+        distributed: the run's :class:`~lmslim.train.config.DistributedConfig`; its parallel plan (tp, pp)
+            is checked against the world size and ``model``'s shape before any worker starts.
+
     Raises:
-        UserError: bad launcher options or a busy port (before anything starts).
+        UserError: bad launcher options, a busy port or a plan that cannot work (before anything starts).
         WorkersFailed: a worker failed (the others were stopped); carries the exit code to return.
     """
     args = torchrun_args(argv, nproc, nnodes, node_rank, master_addr, master_port)
+    if distributed is not None:
+        from lmslim.train.parallel import check_plan
+
+        check_plan(distributed, model, nproc * nnodes)
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
         # Split the cores between the workers instead of oversubscribing them (torchrun would pick 1).
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -126,5 +135,8 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, mas
         how = ", ".join(f"killed by {signal.Signals(-c).name}" if c < 0 else f"exit code {c}" for c in codes)
         # Exit 2 when the workers refused bad input (their messages are above); 1 when one crashed or was killed.
         code = 2 if codes == [2] else 1
+        if code == 2:
+            raise WorkersFailed(f"worker rank {ranks} refused the input (exit code 2; its message is above)", 2) \
+                from None
         raise WorkersFailed(f"worker rank {ranks} failed ({how}); the other workers were stopped; continue "
                             "from the last checkpoint with --resume", code) from None

@@ -131,7 +131,7 @@ def train(
     if nproc is not None:
         from lmslim.cli.launch import launch
 
-        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
+        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads, cfg.distributed, model)
         return
     from lmslim.modelio import resolve
     from lmslim.train import distributed

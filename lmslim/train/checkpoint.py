@@ -211,7 +211,7 @@ def resume(root: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimiz
         raise UserError(f"checkpoint {folder} was written by {saved_world} process(es) and its data position and "
                         f"random states are per process; resume with --nproc {saved_world} (now {runtime.world_size})")
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this config's
-    if meta.get("strategy") == "fsdp":
+    if meta.get("strategy") == "fsdp" or int(meta.get("tp") or 1) > 1:  # sharded (DCP) checkpoints
         state = load_trainer_state(folder)
         dist_.load_sharded(folder, model, optimizer)
     else:

@@ -247,6 +247,7 @@ class HealthConfig:
 
 
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
+PP_SCHEDULES = ("gpipe", "1f1b")
 
 
 @dataclass(frozen=True)
@@ -268,10 +269,29 @@ class DistributedConfig:
     """ddp: allow parameters that get no gradient in some steps (slower; needed e.g. for an unused pooler)."""
     timeout_s: int = 600
     """A collective that waits longer than this fails instead of hanging (e.g. when a rank died)."""
+    tp: int = 1
+    """Tensor-parallel degree: every decoder layer's attention heads and MLP columns, and the vocabulary of the
+    embedding / LM head, are split over this many ranks (Llama-style models). The data-parallel degree is
+    world size / (tp x pp)."""
+    pp: int = 1
+    """Pipeline-parallel degree: consecutive decoder layers on this many ranks (stages), micro-batched."""
+    pp_schedule: str = "1f1b"
+    """pp: gpipe (all forwards, then all backwards) | 1f1b (one forward, one backward: less activation memory)"""
+    pp_microbatches: int = 2
+    """pp: micro-batches each batch is cut into (batch.batch_size must be a multiple)."""
 
     def __post_init__(self) -> None:
         _choice(self.strategy, ("ddp", "fsdp"), "distributed.strategy")
         _choice(self.comm_hook, COMM_HOOKS, "distributed.comm_hook")
+        _choice(self.pp_schedule, PP_SCHEDULES, "distributed.pp_schedule")
+        _need(self.tp >= 1, f"distributed.tp must be >= 1, got {self.tp}")
+        _need(self.pp >= 1, f"distributed.pp must be >= 1, got {self.pp}")
+        _need(self.pp_microbatches >= 1, f"distributed.pp_microbatches must be >= 1, got {self.pp_microbatches}")
+        _need(self.comm_hook == "none" or self.tp * self.pp == 1,
+              "distributed.comm_hook compresses DDP's gradient all-reduce; it cannot be combined with distributed.tp "
+              "or distributed.pp (set distributed.comm_hook=none)")
+        _need(self.pp == 1 or self.tp == 1, "distributed.pp > 1 cannot be combined with distributed.tp > 1 yet; "
+              "use one of them")
         _need(self.comm_hook == "none" or self.strategy == "ddp",
               "distributed.comm_hook needs distributed.strategy=ddp (FSDP reduce-scatters its own shards)")
         _need(self.powersgd_rank >= 1, f"distributed.powersgd_rank must be >= 1, got {self.powersgd_rank}")
@@ -280,6 +300,34 @@ class DistributedConfig:
         _need(self.bucket_mb > 0, f"distributed.bucket_mb must be > 0, got {self.bucket_mb}")
         _need(self.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {self.timeout_s}")
 
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one copy of the model together (tp x pp)."""
+        return self.tp * self.pp
+
+    def data_parallel(self, world_size: int) -> int:
+        """The data-parallel degree for ``world_size`` processes; refuses a plan that does not fit.
+
+        Raises:
+            UserError: tp x pp does not divide the world size, or a combination that is not supported.
+
+        Example:
+            >>> DistributedConfig(tp=2).data_parallel(4)
+            2
+        """
+        mp = self.model_parallel
+        if mp == 1:
+            return world_size
+        _need(world_size % mp == 0, f"distributed.tp={self.tp} x distributed.pp={self.pp} = {mp} does not divide "
+              f"the {world_size} process(es); use --nproc {mp} (or a multiple of it)")
+        dp = world_size // mp
+        _need(self.pp == 1 or dp == 1, f"distributed.pp={self.pp} with {dp} data-parallel copies is not supported "
+              f"yet; use --nproc {self.pp}")
+        _need(dp == 1 or self.tp == 1 or self.strategy == "fsdp",
+              f"{dp} data-parallel copies x distributed.tp={self.tp} needs distributed.strategy=fsdp (FSDP2 shards "
+              "the tensor-parallel parameters over the data-parallel ranks; DDP does not take them)")
+        return dp
+
 
 # Sections a resumed run may change: they do not alter the optimisation trajectory up to the checkpoint.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log", "checkpoint", "eval", "early_stop", "batch.num_workers",
@@ -287,7 +335,9 @@ RESUMABLE_CHANGES = ("max_steps", "epochs", "log", "checkpoint", "eval", "early_
 # Keys a resume cannot change even when asked: the checkpoint's state is stored for the old value.
 NOT_RESUMABLE = {"optim.name": "the checkpoint holds the optimizer state of another optimizer",
                  "distributed.strategy": "the checkpoint's weights and optimizer state are stored for the old "
-                                         "strategy (sharded or not)"}
+                                         "strategy (sharded or not)",
+                 "distributed.tp": "the checkpoint's shards are laid out for the old tensor-parallel plan",
+                 "distributed.pp": "the checkpoint's shards are laid out for the old pipeline plan"}
 
 
 @dataclass(frozen=True)

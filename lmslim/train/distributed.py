@@ -82,14 +82,16 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
-    """Element-wise sum of ``values`` over all ranks (float64; one collective)."""
+def all_reduce_sum(values: list[float], runtime: Runtime, group: Any = None) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks, or over ``group`` (float64; one collective)."""
     if not runtime.is_distributed:
         return values
     import torch.distributed as dist
 
+    if group is not None and dist.get_world_size(group) == 1:
+        return values
     t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
@@ -107,7 +109,7 @@ def all_gather_object(obj: Any, runtime: Runtime) -> list[Any]:
 # ------------------------------------------------------------------------------------------ wrapping
 
 def wrap(model: nn.Module, runtime: Runtime, config: DistributedConfig, blocks: Iterable[nn.Module] = (),
-         seed: int = 0) -> nn.Module:
+         seed: int = 0, layout: Any = None) -> nn.Module:
     """The module the loop calls forward on: DDP around ``model``, or ``model`` itself sharded by FSDP2.
 
     Args:
@@ -115,8 +117,21 @@ def wrap(model: nn.Module, runtime: Runtime, config: DistributedConfig, blocks: 
         blocks: the decoder layers (FSDP shards each one separately, so only one layer's full
             parameters exist at a time).
         seed: PowerSGD's random projection seed (the same on every rank).
+        layout: a :class:`lmslim.train.parallel.Layout` with tensor parallelism: the model is split over
+            its ``tp`` mesh dimension in place, then (``dp > 1``) sharded by FSDP2 over ``dp``.
     """
     if not runtime.is_distributed:
+        return model
+    if layout is not None and layout.tp > 1:
+        from lmslim.train.parallel import tensor_parallel
+
+        tensor_parallel(model, layout.mesh["tp"])
+        if layout.dp > 1:  # 2-D: FSDP2 over the data-parallel ranks of each tensor-parallel shard
+            from torch.distributed.fsdp import fully_shard
+
+            for block in blocks:
+                fully_shard(block, mesh=layout.mesh["dp"])
+            fully_shard(model, mesh=layout.mesh["dp"])
         return model
     if config.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -256,8 +271,11 @@ def comm_bytes_per_step(params: Iterable[nn.Parameter], config: DistributedConfi
 # ------------------------------------------------------------------------------------------ state
 
 def full_state_dict(model: nn.Module, runtime: Runtime) -> dict[str, torch.Tensor] | None:
-    """The whole model's state dict on rank 0's CPU (FSDP: gathered from the shards; every rank must call)."""
-    if is_fsdp(model):
+    """The whole model's state dict on rank 0's CPU (FSDP, tensor parallel: gathered from the shards; every
+    rank must call)."""
+    from lmslim.train.parallel import has_dtensors
+
+    if is_fsdp(model) or has_dtensors(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -295,10 +313,13 @@ def load_sharded(folder: os.PathLike, model: nn.Module, optimizer: torch.optim.O
 
 
 def describe(runtime: Runtime, config: DistributedConfig) -> dict[str, Any]:
-    """What the run used, for metrics and checkpoints."""
-    return {"world_size": runtime.world_size, "backend": runtime.backend if runtime.is_distributed else None,
-            "strategy": config.strategy if runtime.is_distributed else None,
-            "comm_hook": config.comm_hook if runtime.is_distributed else None}
+    """What the run used, for metrics and checkpoints (``tp``/``pp`` only when used)."""
+    out = {"world_size": runtime.world_size, "backend": runtime.backend if runtime.is_distributed else None,
+           "strategy": config.strategy if runtime.is_distributed else None,
+           "comm_hook": config.comm_hook if runtime.is_distributed else None}
+    if config.model_parallel > 1:
+        out.update(tp=config.tp, pp=config.pp, dp=config.data_parallel(runtime.world_size))
+    return out
 
 
 __all__ = ["setup", "wrap", "sync_gradients", "average_gradients", "comm_bytes_per_step", "full_state_dict",

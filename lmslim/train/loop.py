@@ -107,7 +107,8 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def accumulate(model: nn.Module, micro: Sequence[Batch], objective: Objective, runtime: Runtime,
-               scaler: torch.amp.GradScaler, step_units: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               scaler: torch.amp.GradScaler, step_units: int | None = None,
+               data_parallel: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward + backward over the micro-batches of one step; returns the step's loss and logs.
 
     Each micro-batch's mean loss is weighted by ``units / step_units`` so the summed gradient is that
@@ -117,9 +118,11 @@ def accumulate(model: nn.Module, micro: Sequence[Batch], objective: Objective, r
     micro-batches together: each rank back-propagates its share of the global mean times the world size,
     because DDP and FSDP average gradients over ranks. Only the last micro-batch communicates
     (``no_sync`` before it). The returned loss is this rank's share (sum it over ranks for the mean).
+    ``data_parallel``: the number of ranks gradients are averaged over when it is not the world size
+    (tensor parallelism: the ranks of one model copy see the same batch).
     """
     step_units = step_units or sum(b.units for b in micro)
-    world = runtime.world_size if runtime.is_distributed else 1
+    world = data_parallel if data_parallel is not None else runtime.world_size if runtime.is_distributed else 1
     total = torch.zeros((), device=runtime.device)
     logs: dict[str, float] = {}
     for i, b in enumerate(micro):
@@ -185,9 +188,11 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
             checkpoints written while it was healthy are kept, and the message names the last one.
         UserError: a checkpoint of another model/config on resume, a bad early-stopping metric, ...
     """
+    from lmslim.train import parallel
     from lmslim.train.tasks import evaluate, metric_names
 
     rt = dist_.setup(runtime.with_precision(config.precision.mode), config.distributed.timeout_s)
+    layout = parallel.layout(rt, config.distributed)  # pp x dp x tp; dp = the world without tp/pp
     if config.host_memory == "reuse":
         rt.reuse_freed_host_memory()
     out = Path(out_dir) if out_dir is not None else None
@@ -206,10 +211,13 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         enable_activation_checkpointing(model)
     extras = trainable_extras(objective, extra_modules)
     model_fp = ckpt.fingerprint(model, extras)  # before wrapping: plain names and full shapes
-    sharded = rt.is_distributed and config.distributed.strategy == "fsdp"
+    sharded = rt.is_distributed and (config.distributed.strategy == "fsdp" or layout.tp > 1)
     if sharded and extras:
-        raise UserError("distributed.strategy=fsdp cannot train parameters outside the model yet (here: "
+        plan = "distributed.tp" if layout.tp > 1 else "distributed.strategy=fsdp"
+        raise UserError(f"{plan} cannot train parameters outside the model yet (here: "
                         f"{', '.join(sorted(extras)[:3])}); use distributed.strategy=ddp")
+    if layout.model_parallel:
+        parallel.check_model(config.distributed, model.config.to_dict())
     if sharded:
         from lmslim.nn.blocks import transformer_blocks
 
@@ -217,7 +225,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     else:
         blocks = []
     # ``model`` stays the plain module (saving, evaluation, names); ``wrapped`` is what forward runs on.
-    wrapped = dist_.wrap(model, rt, config.distributed, blocks, seed=config.seed)
+    wrapped = dist_.wrap(model, rt, config.distributed, blocks, seed=config.seed, layout=layout)
     if eval_data is not None and evaluator is None:
         names = metric_names(eval_data.task)
         if config.early_stop.metric not in names:
@@ -227,7 +235,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     modules = [model, *(extra_modules or {}).values()] + ([objective] if isinstance(objective, nn.Module) else [])
     optimizer = build_optimizer(list(model.named_parameters()) + list(extras.items()), config.optim, modules)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    batcher = Batcher(train_data, config.batch, config.seed, rt.rank, rt.world_size)
+    batcher = Batcher(train_data, config.batch, config.seed, layout.dp_rank, layout.dp)
     steps = total_steps(config, batcher)
     scheduler = build_scheduler(optimizer, config.schedule, steps)
     scaler = rt.grad_scaler()
@@ -251,7 +259,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
     if rt.is_distributed and rt.is_main:
         log.info("training on %d processes (%s, %s, comm hook %s): ~%.1f MB sent per rank per step",
                  rt.world_size, rt.backend, config.distributed.strategy, config.distributed.comm_hook,
-                 dist_.comm_bytes_per_step(model.parameters(), config.distributed, rt.world_size, 0) / 1e6)
+                 parallel.step_comm_bytes(model, config, layout, 0) / 1e6)
     if write:
         from lmslim.core.io import atomic_write_json
 
@@ -308,12 +316,12 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
             n_tokens = sum(b.tokens for b in micro)
             step_units = None
             if rt.is_distributed:  # normalise by the loss terms of all ranks, not each rank's own
-                step_units = int(dist_.all_reduce_sum([sum(b.units for b in micro)], rt)[0])
-            loss, logs = accumulate(wrapped, micro, objective, rt, scaler, step_units)
+                step_units = int(dist_.all_reduce_sum([sum(b.units for b in micro)], rt, layout.dp_group)[0])
+            loss, logs = accumulate(wrapped, micro, objective, rt, scaler, step_units, layout.dp)
             if rt.is_distributed:
                 dist_.average_gradients(list(extras.values()), rt)  # DDP/FSDP do not see these
                 keys = sorted(logs)
-                summed = dist_.all_reduce_sum([float(loss), n_tokens, *(logs[k] for k in keys)], rt)
+                summed = dist_.all_reduce_sum([float(loss), n_tokens, *(logs[k] for k in keys)], rt, layout.dp_group)
                 loss_value, n_tokens, logs = summed[0], int(summed[1]), dict(zip(keys, summed[2:]))
             else:
                 loss_value = float(loss)
@@ -371,8 +379,8 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                 if "loss_scale" in record:
                     logged["loss_scale"] = record["loss_scale"]
                 if rt.is_distributed:
-                    logged["comm_mb_per_step"] = dist_.comm_bytes_per_step(
-                        model.parameters(), config.distributed, rt.world_size, step) / 1e6
+                    logged["comm_mb_per_step"] = parallel.step_comm_bytes(model, config, layout, step,
+                                                                          n_tokens) / 1e6
                 logger.step(step, logged, record)
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "logs": {}}
             else:

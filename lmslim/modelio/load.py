@@ -18,6 +18,7 @@ import torch
 
 from lmslim.core.errors import UserError
 from lmslim.modelio.formats import format_for_config
+from lmslim.modelio.formats.lmslim_only import is_lmslim_only, read_config
 from lmslim.modelio.spec import TASKS, ResolvedModel, architectures, check_task, resolve
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,10 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
     resolved = resolve(spec)
     where = str(resolved.path) if resolved.path is not None else spec
     try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        if resolved.path is not None and is_lmslim_only(resolved.path):
+            config = read_config(resolved.path)  # its model_type is hidden from plain transformers
+        else:
+            config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for the same user problem
         raise _load_error(spec, resolved, e) from e
     if new_head_labels is None:
@@ -69,7 +73,7 @@ def load_model(spec: str, task: str = "clm", dtype: torch.dtype = torch.float32,
         config.id2label = dict(enumerate(new_head_labels))  # also sets num_labels
         config.label2id = {name: i for i, name in enumerate(new_head_labels)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, config=config)
         fmt = format_for_config(config) if resolved.path is not None else None
         if fmt is not None:
             model = fmt.load(resolved.path, config, auto_class(task), dtype)

@@ -1,4 +1,8 @@
-"""lmslim's own quantized format (``lmslim_quantization`` in config.json).
+"""lmslim's own quantized format (``lmslim_quantization`` format 2 in config.json).
+
+Written only for quantized models the standard ``compressed-tensors`` format cannot express (see
+``compressed_tensors.expressible``); such folders refuse plain transformers (``lmslim_only``).
+Folders of earlier lmslim versions (format 2 without the refusal) still load.
 
 Format (a normal HF folder plus integer tensors):
 
@@ -11,8 +15,8 @@ Format (a normal HF folder plus integer tensors):
   Dequantized weight = ``code * scale + offset`` per (row, group); the last group may be partial.
 - tokenizer files and ``generation_config.json`` as saved by transformers.
 
-Loading rebuilds the architecture from the config, swaps in empty ``QuantLinear`` modules and loads
-the tensors; kernel state (e.g. fbgemm's prepacked int8 weight) is derived from the codes, so a
+Loading builds the architecture on the meta device, swaps in ``QuantLinear`` modules and assigns
+the stored tensors (``meta_load``); kernel state (e.g. fbgemm's prepacked int8 weight) is derived from the codes, so a
 reloaded model gives bit-identical outputs.
 """
 
@@ -21,48 +25,61 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmslim.nn.quant_linear import QuantLinear
 from lmslim.nn.scheme import Scheme
 from lmslim.core.errors import UserError
 from lmslim.core.targeting import set_submodule
 from lmslim.modelio.formats import ModelFormat, register_format, save_config_and_tokenizer, unique_state_dict
+from lmslim.modelio.formats.lmslim_only import mark_lmslim_only
+from lmslim.modelio.formats.meta_load import empty_model, fill, stored_tensors
+from lmslim.nn.sharing import apply_sharing
+from lmslim.nn.structure import apply_structure
+
+
+REASON = "quantized layers compressed-tensors cannot express"
 
 
 def save_quantized(model, tokenizer, folder: Path) -> None:
-    """Write a quantized model into ``folder`` (which must exist and be empty; see ``atomic_dir``)."""
+    """Write a quantized model into ``folder`` (which must exist and be empty; see ``atomic_dir``).
+
+    Only for models the ``compressed-tensors`` format cannot hold (GPT-2's ``Conv1D`` layers, the
+    ``minmax`` grid, per-layer shapes, sharing); the folder refuses plain transformers (``lmslim_only``).
+    """
     if not getattr(model.config, "lmslim_quantization", None):
         raise ValueError("model carries no lmslim_quantization record; quantize it with quantize_ first")
     save_config_and_tokenizer(model, tokenizer, folder)
     save_file(unique_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    mark_lmslim_only(folder, REASON)
 
 
 def load_quantized(folder: Path, config, auto_class, dtype: torch.dtype = torch.float32):
-    """Rebuild a model saved by :func:`save_quantized`."""
+    """Rebuild a model saved by :func:`save_quantized` (also folders of earlier lmslim versions)."""
     record = config.lmslim_quantization
     if record.get("format") != 2:
-        raise UserError(f"{folder}: quantization format {record.get('format')} is not supported by this lmslim")
-    model = auto_class.from_config(config, dtype=torch.float32)
-    for name, spec in record["modules"].items():
-        scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
-        set_submodule(model, name, QuantLinear(spec["in"], spec["out"], scheme, spec["bias"], spec["kernel"]))
-    state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    missing = [k for k in missing if not k.endswith("inv_freq")]
-    if missing or unexpected:
-        raise UserError(f"{folder}: quantized weights do not match the recorded layout "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model
+        raise UserError(f"{folder}: quantization format {record.get('format')} is not supported by this lmslim; "
+                        "quantize the original model again")
+    structure = getattr(config, "lmslim_structure", None)
+    sharing = getattr(config, "lmslim_sharing", None)
+
+    def swap(model) -> None:
+        if structure:
+            apply_structure(model, structure)
+        for name, spec in record["modules"].items():
+            scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
+            set_submodule(model, name, QuantLinear(spec["in"], spec["out"], scheme, spec["bias"], spec["kernel"]))
+
+    model = empty_model(auto_class, config, swap)
+    state = dict(stored_tensors(folder))
+    return fill(model, state, folder, dtype=dtype, retie=(lambda m: apply_sharing(m, sharing)) if sharing else None)
 
 
 def _claims(model) -> bool:
     return bool(getattr(model.config, "lmslim_quantization", None))
 
 
-register_format(ModelFormat("lmslim-quantized", claims=_claims, save=lambda model, tokenizer, folder, dense: save_quantized(model, tokenizer, folder),
+register_format(ModelFormat("lmslim-quantized", claims=_claims,
+                            save=lambda model, tokenizer, folder, dense: save_quantized(model, tokenizer, folder),
                             detects=lambda config: bool(getattr(config, "lmslim_quantization", None)),
                             load=load_quantized))

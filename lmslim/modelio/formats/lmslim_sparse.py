@@ -1,5 +1,12 @@
 """lmslim's own pruned format (``lmslim_sparsity`` / ``lmslim_structure`` in config.json).
 
+Written only for per-layer structured shapes, which a model config cannot hold; such folders refuse
+plain transformers (``lmslim_only``). Every other pruned model (unstructured, 2:4, uniform
+structured) is saved as an ordinary dense folder: compressed-tensors 0.20 has no sparse
+compressors any more (``sparse-bitmask`` / ``sparse-24-bitmask`` are config names only), so a
+bitmask layout would load in plain transformers with missing (random) weights. Folders of earlier
+lmslim versions with ``lmslim_sparsity`` (bitmask-compressed tensors) still load.
+
 Format (a normal HF folder; only what pruning changed differs):
 
 - ``config.json``: the model config, with the pruned shapes written into its ordinary fields where
@@ -18,9 +25,7 @@ Format (a normal HF folder; only what pruning changed differs):
   survives and the reload is bit-identical.
 
 A tensor is compressed only when that is smaller: for fp32 that is below ~97% density (the bitmask
-costs 1/32 of the dense size). A folder with ``lmslim_sparsity`` or ``lmslim_structure`` needs
-``lmslim`` to load (``load_model`` recognises both); save with ``compress=False`` for a plain folder
-of dense tensors that any tool reads (same numbers, dense size).
+costs 1/32 of the dense size); ``save_model(..., dense=True)`` stores them densely.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmslim.core.errors import UserError
 from lmslim.modelio.formats import ModelFormat, register_format, save_config_and_tokenizer, unique_state_dict
+from lmslim.modelio.formats.lmslim_only import mark_lmslim_only
+from lmslim.modelio.formats.meta_load import empty_model, fill, stored_tensors
 from lmslim.nn.structure import apply_structure
 
 SPARSITY_FORMAT = 1
@@ -95,26 +102,18 @@ def load_pruned(folder: Path, config, auto_class, dtype: torch.dtype = torch.flo
     """Rebuild a model saved by :func:`save_pruned` (per-layer shapes and/or compressed tensors)."""
     sparsity = getattr(config, "lmslim_sparsity", None) or {}
     if sparsity and sparsity.get("format") != SPARSITY_FORMAT:
-        raise UserError(f"{folder}: sparse format {sparsity.get('format')} is not supported by this lmslim")
-    model = auto_class.from_config(config, dtype=torch.float32)
+        raise UserError(f"{folder}: sparse format {sparsity.get('format')} is not supported by this lmslim; "
+                        "prune the original model again")
     structure = getattr(config, "lmslim_structure", None)
-    if structure:
-        apply_structure(model, structure)
-    state = load_file(str(Path(folder) / "model.safetensors"))
+    model = empty_model(auto_class, config, (lambda m: apply_structure(m, structure)) if structure else None)
+    state = dict(stored_tensors(folder))
     for name, spec in sparsity.get("tensors", {}).items():
         try:
             bitmask, values = state.pop(f"{name}.sparse_bitmask"), state.pop(f"{name}.sparse_values")
         except KeyError:
             raise UserError(f"{folder}: sparse tensor {name} is missing from model.safetensors; re-export it") from None
         state[name] = decode(bitmask, values, spec["shape"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    missing = [k for k in missing if not k.endswith("inv_freq")]
-    if missing or unexpected:
-        raise UserError(f"{folder}: pruned weights do not match the recorded layout "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model = fill(model, state, folder, dtype=dtype)
     if hasattr(model.config, "lmslim_sparsity"):
         # The record describes the file, not the model in memory (its tensors are dense now): a later
         # plain save_pretrained (e.g. after recovery training) must not claim compressed tensors.
@@ -126,6 +125,18 @@ def _detects(config) -> bool:
     return bool(getattr(config, "lmslim_sparsity", None) or getattr(config, "lmslim_structure", None))
 
 
-register_format(ModelFormat("lmslim-sparse", claims=lambda model: bool(getattr(model.config, "lmslim_pruning", None)),
-                            save=lambda model, tokenizer, folder, dense: save_pruned(model, tokenizer, folder, compress=not dense) and None,
-                            detects=_detects, load=load_pruned))
+REASON = "per-layer pruned shapes"
+
+
+def _save(model, tokenizer, folder: Path, dense: bool) -> None:
+    save_pruned(model, tokenizer, folder, compress=not dense)
+    mark_lmslim_only(folder, REASON)
+
+
+def _claims(model) -> bool:
+    # Only per-layer shapes need this format; any other pruned model (unstructured, N:M, uniform
+    # structured) is an ordinary dense folder that every tool reads (zeros stored as zeros).
+    return bool(getattr(model.config, "lmslim_structure", None))
+
+
+register_format(ModelFormat("lmslim-sparse", claims=_claims, save=_save, detects=_detects, load=load_pruned))

@@ -172,7 +172,7 @@ def load_checkpoint(folder: Path, model: nn.Module, extra: dict[str, nn.Paramete
 
 def resume(root: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimizer: Any, scheduler: Any,
            scaler: Any, runtime: Any, config: Any, model_fp: str, data: Any,
-           allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+           allowed: tuple[str, ...] = (), load_shards: Any = None) -> dict[str, Any]:
     """Load the latest checkpoint under ``root`` into the training objects; return its loop state.
 
     Refuses a checkpoint of another model, task, labels or world size, and a config that differs in keys
@@ -211,13 +211,19 @@ def resume(root: Path, model: nn.Module, extra: dict[str, nn.Parameter], optimiz
         raise UserError(f"checkpoint {folder} was written by {saved_world} process(es) and its data position and "
                         f"random states are per process; resume with --nproc {saved_world} (now {runtime.world_size})")
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this config's
-    if meta.get("strategy") == "fsdp" or int(meta.get("tp") or 1) > 1:  # sharded (DCP) checkpoints
+    if load_shards is not None:  # pipeline stages: each its own parameters and optimizer state
+        state = load_trainer_state(folder)
+        load_shards(folder, optimizer)
+    elif meta.get("strategy") == "fsdp" or int(meta.get("tp") or 1) > 1:  # sharded (DCP) checkpoints
         state = load_trainer_state(folder)
         dist_.load_sharded(folder, model, optimizer)
     else:
         state, _ = load_checkpoint(folder, model, extra, runtime.device)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if load_shards is not None:  # the optimizer's param groups were not loaded: take the lr of the schedule
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
     if state["scaler"]:  # empty when saved without loss scaling (a precision change may turn it on now)
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng_ranks"][runtime.rank] if "rng_ranks" in state else state["rng"])

@@ -122,6 +122,8 @@ def wrap(model: nn.Module, runtime: Runtime, config: DistributedConfig, blocks: 
     """
     if not runtime.is_distributed:
         return model
+    if layout is not None and layout.pp > 1:
+        return model  # the pipeline schedule runs the stages (lmslim.train.pipeline)
     if layout is not None and layout.tp > 1:
         from lmslim.train.parallel import tensor_parallel
 

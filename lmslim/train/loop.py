@@ -218,6 +218,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                         f"{', '.join(sorted(extras)[:3])}); use distributed.strategy=ddp")
     if layout.model_parallel:
         parallel.check_model(config.distributed, model.config.to_dict())
+    pipe = parallel.pipeline(model, layout, config, rt, extras, eval_data is not None or evaluator is not None)
     if sharded:
         from lmslim.nn.blocks import transformer_blocks
 
@@ -233,7 +234,8 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                             f"{eval_data.task}; choose one of {', '.join(names)}")
         evaluator = lambda m: evaluate(m, eval_data, rt, config)  # noqa: E731
     modules = [model, *(extra_modules or {}).values()] + ([objective] if isinstance(objective, nn.Module) else [])
-    optimizer = build_optimizer(list(model.named_parameters()) + list(extras.items()), config.optim, modules)
+    named = pipe.named_parameters() if pipe else list(model.named_parameters())  # pp: this stage's own
+    optimizer = build_optimizer(named + list(extras.items()), config.optim, modules)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     batcher = Batcher(train_data, config.batch, config.seed, layout.dp_rank, layout.dp)
     steps = total_steps(config, batcher)
@@ -252,9 +254,9 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                              "bad_evals": 0}
     if resume:
         state = ckpt.resume(ckpt_root, model, extras, optimizer, scheduler, scaler, rt, config, model_fp,
-                            train_data, allowed)
+                            train_data, allowed, load_shards=pipe.load if pipe else None)
     write = rt.is_main and out is not None
-    health = HealthMonitor(config.health, list(model.named_parameters()) + list(extras.items()), rt, ckpt_root,
+    health = HealthMonitor(config.health, named + list(extras.items()), rt, ckpt_root,
                            config.checkpoint.keep_last, write, state.get("health"))
     if rt.is_distributed and rt.is_main:
         log.info("training on %d processes (%s, %s, comm hook %s): ~%.1f MB sent per rank per step",
@@ -282,9 +284,10 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                 "labels": train_data.label_names, "config": config.to_dict(), "kind": kind,
                 **dist_.describe(rt, config.distributed)}
         folder = ckpt_root / f"step-{state['step']:07d}"
-        if sharded:
-            ckpt.save_sharded_checkpoint(folder, rt, lambda tmp: dist_.save_sharded(tmp, model, optimizer),
-                                         trainer_state, meta)
+        if sharded or pipe:
+            write_shards = (lambda tmp: pipe.save(tmp, optimizer)) if pipe else \
+                (lambda tmp: dist_.save_sharded(tmp, model, optimizer))
+            ckpt.save_sharded_checkpoint(folder, rt, write_shards, trainer_state, meta)
         elif write:
             ckpt.save_checkpoint(folder, model, extras, {"optimizer": optimizer.state_dict(), **trainer_state}, meta)
         health.saved(folder)  # pending until the next step's numbers confirm its weights; prunes (rank 0)
@@ -317,7 +320,10 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
             step_units = None
             if rt.is_distributed:  # normalise by the loss terms of all ranks, not each rank's own
                 step_units = int(dist_.all_reduce_sum([sum(b.units for b in micro)], rt, layout.dp_group)[0])
-            loss, logs = accumulate(wrapped, micro, objective, rt, scaler, step_units, layout.dp)
+            if pipe:
+                loss, logs = pipe.step(micro, step_units or sum(b.units for b in micro)), {}
+            else:
+                loss, logs = accumulate(wrapped, micro, objective, rt, scaler, step_units, layout.dp)
             if rt.is_distributed:
                 dist_.average_gradients(list(extras.values()), rt)  # DDP/FSDP do not see these
                 keys = sorted(logs)
@@ -326,7 +332,8 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
             else:
                 loss_value = float(loss)
             scaler.unscale_(optimizer)  # clip and measure the true gradient, not the scaled one
-            grad_norm = dist_.local(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf")))
+            clip = pipe.clip_grad_norm_ if pipe else torch.nn.utils.clip_grad_norm_
+            grad_norm = dist_.local(clip(params, config.optim.grad_clip or float("inf")))
             # Judged before the update is applied: a diverging step never reaches the weights.
             health.check_step(state["step"] + 1, loss_value, float(grad_norm), rt.needs_grad_scaler)
             scaler.step(optimizer)
@@ -407,7 +414,7 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
         # The final model is the best evaluated one when there is one (rank 0 saved it at that step).
         use_best = config.checkpoint.keep_best and state["best_step"] is not None
         if not use_best:
-            _save_model(model, train_data.tokenizer, out / ".final", rt)
+            _save_model(model, train_data.tokenizer, out / ".final", rt, pipe)
         if write:
             best = out / "best"
             _move_model_files(best if use_best and best.is_dir() else out / ".final", out)
@@ -452,15 +459,15 @@ def _track_best(state: dict[str, Any], metrics: dict[str, float], config: TrainC
     return better
 
 
-def _save_model(model: nn.Module, tokenizer: Any, folder: Path, rt: Runtime) -> None:
+def _save_model(model: nn.Module, tokenizer: Any, folder: Path, rt: Runtime, pipe: Any = None) -> None:
     """The model (+ tokenizer) into ``folder`` atomically, by rank 0, in its registered format.
 
-    Every rank must call it: an FSDP model's full weights are gathered from all shards first.
+    Every rank must call it: an FSDP, tensor- or pipeline-parallel model's full weights are gathered first.
     """
     from lmslim.core.io import atomic_dir
     from lmslim.modelio import save_model
 
-    state_dict = dist_.full_state_dict(model, rt)
+    state_dict = pipe.full_state_dict() if pipe else dist_.full_state_dict(model, rt)
     if rt.is_main:
         with atomic_dir(folder) as tmp:
             if state_dict is None:

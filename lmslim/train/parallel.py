@@ -241,6 +241,25 @@ def tp_comm_bytes(dims: dict[str, int], tokens: int, tp: int, bytes_per_value: i
 
 
 
+def pipeline(model: nn.Module, layout: Layout, config: Any, runtime: Any, extras: dict[str, Any],
+             evaluates: bool) -> Any:
+    """This rank's :class:`~lmslim.train.pipeline.Pipeline` when ``pp > 1`` (None otherwise); refuses what it
+    cannot do yet."""
+    if layout.pp <= 1:
+        return None
+    if extras:
+        raise UserError("distributed.pp cannot train parameters outside the model yet (e.g. a distillation "
+                        "projection); use distributed.strategy=ddp")
+    if evaluates:
+        raise UserError("distributed.pp cannot evaluate during training yet (each rank holds some layers only); "
+                        "drop --eval-data and evaluate the saved model with lmslim eval")
+    if config.precision.activation_checkpointing:
+        raise UserError("distributed.pp with precision.activation_checkpointing is not supported yet; use one")
+    from lmslim.train.pipeline import Pipeline
+
+    return Pipeline(model, layout, config, runtime)
+
+
 def step_comm_bytes(model: nn.Module, config: Any, layout: Layout, step: int, tokens: int | None = None) -> int:
     """Bytes each rank sends per optimizer step: gradient traffic over ``dp`` plus tensor-parallel activations.
 
@@ -251,13 +270,18 @@ def step_comm_bytes(model: nn.Module, config: Any, layout: Layout, step: int, to
 
     dist_cfg = config.distributed
     grads = comm_bytes_per_step(model.parameters(), dist_cfg, layout.dp, step) // max(1, layout.tp)
-    if layout.tp <= 1:
+    if not layout.model_parallel:
         return grads
     per_rank = tokens // layout.dp if tokens is not None else \
         config.batch.batch_size * config.batch.max_length * config.batch.grad_accum
     dims = model.config.to_dict()
+    if layout.pp > 1:  # the padded stage buffers travel, whatever the real tokens
+        from lmslim.train.pipeline import comm_bytes
+
+        padded = config.batch.batch_size * config.batch.max_length * config.batch.grad_accum
+        return comm_bytes(dims, padded, layout.pp)
     return grads + tp_comm_bytes(dims, per_rank, layout.tp)
 
 
 __all__ = ["Layout", "layout", "check_model", "check_plan", "model_dims", "tensor_parallel", "parameter_bytes",
-           "has_dtensors", "tp_comm_bytes", "step_comm_bytes"]
+           "has_dtensors", "tp_comm_bytes", "step_comm_bytes", "pipeline"]

@@ -49,9 +49,13 @@ class TargetSpec:
 
 
 def resolve_kernel(kernel: str) -> str:
-    """``auto`` picks the exact int8 GEMM (``torch._int_mm``): measured faster than fp32 on this CPU
-    for every SmolLM2 shape, with full 8-bit activations (fbgemm needs 7 where AVX2 overflows int16)."""
-    return "int8" if kernel == "auto" else kernel
+    """``auto`` picks the faster int8 kernel as measured on this machine (``lmslim.nn.kernel_probe``);
+    the choice is recorded per module in the saved folder."""
+    if kernel != "auto":
+        return kernel
+    from lmslim.nn.kernel_probe import fastest_int8_kernel
+
+    return fastest_int8_kernel()
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -110,4 +114,5 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None) 
                         "bias": m.bias is not None, "kernel": m.kernel} for n, m in modules.items()},
     }
     report["modules"] = len(modules)
+    report["kernels"] = sorted({m.kernel for m in modules.values()})
     return report

@@ -56,7 +56,7 @@ class RTNConfig(TargetSpec):
 class DynamicInt8Config(TargetSpec):
     """int8 per-channel symmetric weights, int8 per-token activations computed at run time."""
 
-    kernel: str = "int8"
+    kernel: str = "auto"  # the faster of int8 / fbgemm, measured (lmslim.nn.kernel_probe)
 
     def __post_init__(self) -> None:
         self._check_targets()

@@ -72,3 +72,34 @@ def check_out(path: Optional[Path], inputs=(), flag: str = "--json") -> None:
         from lmslim.core.guard import check_output
 
         check_output(path, inputs=inputs, folder=False, flag=flag)
+
+
+def stage_options(flags: dict, outside: dict) -> dict:
+    """The stage options a technique command's flags spell: every flag not in ``outside`` is a recipe key.
+
+    Call it first thing with ``locals()``; flags left at ``None`` (or an empty repeatable) are omitted, so
+    the technique config's own default applies, as in a recipe that does not set the key.
+    """
+    from lmslim.recipes.single import cli_options
+
+    return cli_options({k: v for k, v in flags.items() if k not in outside})
+
+
+def run_stage_command(stage: str, options: dict, model: str, out_dir: Path, *, data: Optional[dict] = None,
+                      task: str = "clm", overwrite: bool = False, threads: Optional[int] = None, device: str = "cpu",
+                      trust_remote_code: bool = False, dense: bool = False) -> dict:
+    """A technique command's whole body: its flags as a one-stage recipe, run as ``lmslim compress`` runs a stage.
+
+    ``options`` are the stage's recipe keys (build them with ``lmslim.recipes.single.cli_options``),
+    ``data`` the recipe's data roles (``{"calibration": spec}``). The options are validated before the
+    output is checked and locked; the input model and every data spec are protected inputs.
+    Returns the stage report (also saved as ``OUT/lmslim_<stage>.json``).
+    """
+    from lmslim.core.runtime import Runtime
+    from lmslim.recipes.run import recipe_inputs
+    from lmslim.recipes.single import run_single_stage, single_stage_recipe
+
+    recipe, obj = single_stage_recipe(stage, options, model, data, task)
+    guard_out(out_dir, inputs=[model, *recipe_inputs(recipe)], overwrite=overwrite)
+    runtime = Runtime.create(device=device, threads=threads)
+    return run_single_stage(recipe, obj, out_dir, runtime, trust_remote_code=trust_remote_code, dense=dense)

@@ -15,8 +15,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmslim.cli.common import (DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, app, check_out, guard_out, out, quiet_libraries,
-                               write_json)
+from lmslim.cli.common import (DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, app, check_out, out, quiet_libraries,
+                               run_stage_command, stage_options, write_json)
 from lmslim.core.errors import UserError
 
 @app.command()
@@ -140,84 +140,63 @@ def bench(
     write_json(json_out, result)
 
 
+# Flags of `lmslim quantize` that are not quantize-stage keys, and where a recipe says the same thing.
+QUANTIZE_OUTSIDE_STAGE = {"model": "model", "calib": "data.calibration", "out_dir": "compress --out",
+                          "overwrite": "compress --overwrite", "threads": "compress --threads",
+                          "trust_remote_code": "(not in recipes: off)"}
+
+
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model spec (full precision)."),
     method: str = typer.Option(..., "--method", help="dynamic-int8 | rtn | gptq | awq | smoothquant"),
     out_dir: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits (rtn/gptq: 2, 3, 4, 8; default 4)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size",
-                                             help="Columns per scale; 0 = per output channel (default: 128, or 0 for 8 bits)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits (rtn/gptq/awq: 2, 3, 4, 8; default 4)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per scale; 0 = per output "
+                                             "channel (default: 128, or 0 for 8 bits)."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric",
                                              help="Grid symmetry (default: symmetric for 8 bits, asymmetric below)."),
-    minmax: bool = typer.Option(False, "--minmax", help="Asymmetric grid over each group's [min, max] (Q4_1) "
-                                "instead of an integer zero point."),
+    minmax: Optional[bool] = typer.Option(None, "--minmax/--no-minmax", help="Asymmetric grid over each group's "
+                                          "[min, max] (Q4_1) instead of an integer zero point."),
     calib: str = typer.Option("builtin:wiki:train", "--calib", help="Calibration text (gptq, awq, smoothquant)."),
-    calib_samples: int = typer.Option(128, "--calib-samples"),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
-    kernel: str = typer.Option("auto", "--kernel", help="auto | dequant | fbgemm"),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order",
-                                   help="gptq: quantize columns by decreasing Hessian diagonal."),
-    damp: float = typer.Option(0.1, "--damp", help="gptq: Hessian dampening (fraction of mean diagonal)."),
-    alpha: float = typer.Option(0.5, "--alpha", help="smoothquant: migration strength."),
-    clip_search: bool = typer.Option(False, "--clip-search", help="rtn/gptq: shrink each group's range where "
-                                     "that lowers its rounding error (grid search)."),
-    true_sequential: bool = typer.Option(False, "--true-sequential", help="gptq: calibrate a block's matrices "
-                                         "in call order on already-quantized inputs."),
-    awq: bool = typer.Option(False, "--awq", help="gptq: fold AWQ activation-aware input scales in first."),
-    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
-    target: list[str] = typer.Option(["*"], "--target", help="Module-name glob to quantize (repeatable; re: for regex)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration sample (default 512)."),
+    kernel: Optional[str] = typer.Option(None, "--kernel", help="auto | int8 | dequant | fbgemm (default auto: int8)."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
+                                             help="gptq: quantize columns by decreasing Hessian diagonal (default on)."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="gptq: Hessian dampening (fraction of mean diagonal, "
+                                         "default 0.1)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="smoothquant: migration strength (default 0.5)."),
+    clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="rtn/gptq: shrink each "
+                                               "group's range where that lowers its rounding error (grid search)."),
+    true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential", help="gptq: "
+                                                   "calibrate a block's matrices in call order on quantized inputs."),
+    awq: Optional[bool] = typer.Option(None, "--awq/--no-awq", help="gptq: fold AWQ activation-aware input "
+                                       "scales in first."),
+    awq_grid: Optional[int] = typer.Option(None, "--awq-grid", help="gptq --awq: scale-search points (default 20)."),
+    grid: Optional[int] = typer.Option(None, "--grid", help="awq: scale-search points (default 20)."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="gptq: columns per lazy update (default 128)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Calibration samples per forward pass "
+                                             "(default 8)."),
+    include_lm_head: Optional[bool] = typer.Option(None, "--include-lm-head/--no-include-lm-head",
+                                                   help="Quantize the LM head too (default off)."),
+    targets: list[str] = typer.Option([], "--targets", "--target", help="Module-name glob to quantize (repeatable; "
+                                      "re: for regex; default every linear)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to keep in full precision (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = ThreadsOpt, trust_remote_code: bool = TrustOpt,
 ) -> None:
-    """Quantize a model and save it (packed integer weights + scales, reloadable by every command)."""
-    import json as _json
-    import time
+    """Quantize a model and save it (packed integer weights + scales, reloadable by every command).
 
-    from lmslim.compress.quantize import QUANTIZERS, quantize_
-    from lmslim.core.io import atomic_dir
-    from lmslim.modelio import load_model, save_model
-    from lmslim.core.runtime import Runtime
-    from lmslim.measure.bench import peak_rss_mb
-
-    cls = QUANTIZERS.config_class(method)
-    guard_out(out_dir, inputs=[model, calib], overwrite=overwrite)
-    kwargs: dict = {"kernel": kernel, "include_lm_head": include_lm_head, "targets": tuple(target),
-                    "ignore": tuple(ignore)}
-    if method in ("rtn", "gptq", "awq"):
-        b = 4 if bits is None else bits
-        kwargs.update(bits=b, group_size=(None if b == 8 else 128) if group_size is None else (group_size or None),
-                      symmetric=(b == 8) if symmetric is None else symmetric, minmax=minmax)
-        if method != "awq":
-            kwargs.update(clip_search=clip_search)
-    elif bits not in (None, 8) or group_size not in (None, 0):
-        raise UserError(f"{method} is int8 per output channel; --bits/--group-size do not apply")
-    if method == "gptq":
-        kwargs.update(act_order=act_order, damp=damp, true_sequential=true_sequential, awq=awq)
-    if method == "smoothquant":
-        kwargs.update(alpha=alpha)
-    config = cls(**kwargs)
-    rt = Runtime.create(device="cpu", threads=threads)
-    lm = load_model(model, task="clm", dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
-    calib_ids = None
-    if getattr(config, "needs_calibration", False):
-        from lmslim.data.calib import calibration_ids
-        from lmslim.data.spec import load_data
-
-        calib_ids = calibration_ids(lm.tokenizer, load_data(calib, task="clm").documents, calib_samples, seq_len)
-    size_before = lm.resolved.size_bytes()
-    t0 = time.perf_counter()
-    report = quantize_(lm.model, config, calib_ids)
-    with atomic_dir(out_dir) as tmp:
-        save_model(lm.model, lm.tokenizer, tmp)
-        size_after = (tmp / "model.safetensors").stat().st_size
-        report.update({"model": model, "weights_sha256": lm.resolved.weights_hash(), "calib": calib if calib_ids
-                       is not None else None, "size_mb_before": size_before / 1e6, "size_mb_after": size_after / 1e6,
-                       "peak_rss_mb": peak_rss_mb(), "wall_seconds": time.perf_counter() - t0})
-        (tmp / "lmslim_quantize.json").write_text(_json.dumps(report, indent=2, default=str) + "\n")
+    Each flag is the quantize recipe stage's key of the same name (docs/recipes.md): the command runs a
+    one-stage recipe, exactly as `lmslim compress` runs that stage.
+    """
+    options = stage_options(locals(), QUANTIZE_OUTSIDE_STAGE)  # first: locals() are the flags only
+    report = run_stage_command("quantize", options, model, out_dir, data={"calibration": calib},
+                               overwrite=overwrite, threads=threads, trust_remote_code=trust_remote_code)
     out.print(f"{method}: {report['modules']} modules quantized in {report['seconds']:.1f} s; "
-              f"{size_before / 1e6:.1f} MB -> {size_after / 1e6:.1f} MB; peak RSS {report['peak_rss_mb']:.0f} MB")
+              f"{report['size_mb_before']:.1f} MB -> {report['size_mb_after']:.1f} MB; "
+              f"peak RSS {report['peak_rss_mb']:.0f} MB")
     out.print(f"wrote {out_dir}")
 
 

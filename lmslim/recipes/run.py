@@ -107,7 +107,7 @@ def recipe_inputs(recipe) -> list[str]:
     """Every spec a recipe reads besides its model: data of each role, and models named by stages (a teacher)."""
     specs = [v for v in recipe.data.model_dump().values() if v]
     for stage in recipe.stages:
-        for key in ("teacher", "student", "tokenizer"):
+        for key in ("teacher", "student", "student_config", "tokenizer"):
             value = stage.options.get(key)
             if isinstance(value, str) and value != "input":
                 specs.append(value)
@@ -142,6 +142,9 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
     inputs = [model_spec, *sources, *recipe_inputs(recipe)]
     if measure_cache is not None:
         check_no_overlap(measure_cache, [*inputs, out], "--measure-cache")
+    for i, stage in enumerate(recipe.stages):  # stage outputs besides the model (a distillation teacher cache)
+        if isinstance(stage.options.get("teacher_cache"), str):
+            check_no_overlap(Path(stage.options["teacher_cache"]), [*inputs, out], f"stages.{i}.teacher_cache")
     with check_output(out, inputs=inputs, overwrite=overwrite) or contextlib.nullcontext():
         stage_objs = validate_stages(recipe)
         _check_data(recipe, stage_objs)

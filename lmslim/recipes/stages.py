@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lmslim.core.configs import check_fields
+from lmslim.core.configs import check_fields, show
 from lmslim.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,11 @@ class StageContext:
     runtime: Any
     work_dir: Path  # a scratch folder for this stage (checkpoints, caches)
     input_spec: str = ""  # the model the recipe started from (the default distillation teacher)
+    # A one-stage run whose work_dir is the user's training folder (``lmslim distill --out``):
+    resume: bool = False  # continue from work_dir's latest checkpoint
+    resume_changes: tuple = ()  # training-config keys allowed to differ from the checkpoint's
+    clear_work_dir: bool = False  # remove work_dir's old contents right before training (--overwrite)
+    trust_remote_code: bool = False  # for models a stage loads (a teacher)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,16 @@ def config_reference(cls: type) -> list[tuple[str, str, str]]:
     return rows
 
 
+def option_names(cls: type) -> list[str]:
+    """The settings of a config dataclass (its init fields, less class facts such as ``needs_calibration``)."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name != "needs_calibration"]
+
+
+def stage_keys(name: str) -> set[str]:
+    """Every option key stage ``name`` documents (the generated reference's rows), nested ones dotted."""
+    return {key for _, rows in STAGES[name].reference() for key, _, _ in rows}
+
+
 def _int_option(options: dict, key: str, default: int, where: str) -> int:
     from lmslim.core.configs import check_value, show
 
@@ -106,20 +121,39 @@ class QuantizeStage:
     seq_len: int
 
 
+CALIBRATION_KEYS = ("calib_samples", "seq_len")
+
+
 def parse_method_stage(registry, options: dict, stage: str) -> tuple[Any, int, int]:
     """Options of a stage that picks a method from ``registry``: (config, calib_samples, seq_len)."""
     where = f"stage {stage}"
+    if not isinstance(options, dict):
+        raise UserError(f"{where}: options must be a mapping like {{method: ...}}, got {show(options)}")
     method = options.get("method")
     if method is None:
         raise UserError(f"{where}: 'method' is required ({', '.join(registry.names())})")
     cls = registry.config_class(method)
-    config = build_config(cls, options, f"{where} ({method})", {"method", "calib_samples", "seq_len"})
+    own = set(option_names(cls)) | {"method", *CALIBRATION_KEYS}
+    for key in options:
+        # A key another method takes is a misplaced option, not a typo: say so instead of "did you mean".
+        if key not in own and any(key in option_names(c) for c, _ in registry.entries.values()):
+            raise UserError(f"{where} ({method}): option {show(key)} does not apply to {method} "
+                            f"(its options: {', '.join(sorted(own))})")
+    config = build_config(cls, options, f"{where} ({method})", {"method", *CALIBRATION_KEYS})
     return (config, _int_option(options, "calib_samples", 128, where), _int_option(options, "seq_len", 512, where))
 
 
 def _parse_quantize(options: dict) -> QuantizeStage:
     from lmslim.compress.quantize import QUANTIZERS
 
+    if isinstance(options, dict) and "bits" in options:
+        options = dict(options)
+        # 8 bits defaults to symmetric per-channel (the int8 convention), fewer bits to asymmetric g128.
+        if options["bits"] == 8:
+            options.setdefault("group_size", None)
+            options.setdefault("symmetric", True)
+    if isinstance(options, dict) and type(options.get("group_size")) is int and options["group_size"] == 0:
+        options = dict(options, group_size=None)  # 0 and null both mean one scale per output channel
     return QuantizeStage(*parse_method_stage(QUANTIZERS, options, "quantize"))
 
 
@@ -141,15 +175,27 @@ def _run_quantize(lm, stage: QuantizeStage, ctx: StageContext):
     return lm.model, lm.tokenizer, report
 
 
+def method_reference(registry) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Reference sections of a method stage: ``method`` itself, then each method's options."""
+    sections = [("", [("method", "str", "required: " + " / ".join(registry.names()))])]
+    for name, (cls, _) in registry.entries.items():
+        rows = config_reference(cls)
+        if getattr(cls, "needs_calibration", False):
+            rows += [("calib_samples", "int", "128"), ("seq_len", "int", "512")]
+        sections.append((f"method: {name}", rows))
+    return sections
+
+
 def _quantize_reference():
     from lmslim.compress.quantize import QUANTIZERS
 
-    return [(f"method: {name}", config_reference(cls)) for name, (cls, _) in QUANTIZERS.entries.items()]
+    return method_reference(QUANTIZERS)
 
 
 register_stage(StageKind(
     name="quantize", summary="quantize weights (and activations for W8A8 methods); must come after every "
-    "training/pruning stage. Calibrated methods also take calib_samples (128) and seq_len (512).",
+    "training/pruning stage. Calibrated methods also take calib_samples (128) and seq_len (512). "
+    "`group_size: 0` (or null) means one scale per output channel; `bits: 8` defaults to symmetric per-channel.",
     parse=_parse_quantize, run=_run_quantize,
     needs=lambda s: ("calibration",) if getattr(s.config, "needs_calibration", False) else (),
     trains=False, reference=_quantize_reference))

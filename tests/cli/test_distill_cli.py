@@ -183,5 +183,5 @@ def test_blockwise_needs_a_layer_cut_student(tmp_path, capsys, text):
     cfg.write_text(json.dumps({"num_hidden_layers": 1}))
     code, _, err = run(capsys, "distill", "--teacher", "builtin:tiny-llama", "--student-config", cfg,
                        "--data", text, "--max-steps", "0", "--blockwise-epochs", "2", "--out", tmp_path / "x")
-    assert code == 2 and "--student-layers" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "needs student_layers" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

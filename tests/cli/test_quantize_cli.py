@@ -18,7 +18,7 @@ def run(capsys, *args):
     (["--method", "nf4"], "unknown quantization method 'nf4'"),
     (["--method", "gptq", "--calib", "EMPTY"], "is empty"),
     (["--method", "gptq", "--calib", "SHORT", "--seq-len", "64"], "calibration data too short"),
-    (["--method", "dynamic-int8", "--bits", "4"], "do not apply"),
+    (["--method", "dynamic-int8", "--bits", "4"], "does not apply to dynamic-int8"),
     (["--method", "rtn", "--ignore", "*"], "no eligible layers"),
 ])
 def test_quantize_bad_input(tmp_path, capsys, extra, message):

@@ -1,0 +1,95 @@
+"""One path per technique: a technique command's flags are its recipe stage's keys, and it runs that stage.
+
+Drift is impossible by construction only if every key has its flag and every flag is a key (or is
+declared, in the command's ``*_OUTSIDE_STAGE`` table, as the recipe's model, data, training config or
+an output/runtime control). The keys come from the generated recipe reference (``stage_keys``), so
+docs/recipes.md, the stage parse and the CLI are checked against each other.
+"""
+
+import json
+
+import pytest
+import typer.main
+
+from lmslim.cli.distill_cmd import DISTILL_OUTSIDE_STAGE, SHARE_OUTSIDE_STAGE
+from lmslim.cli.main import QUANTIZE_OUTSIDE_STAGE, app, main
+from lmslim.cli.prune_cmd import PRUNE_OUTSIDE_STAGE
+from lmslim.recipes.stages import stage_keys
+
+COMMANDS = {"quantize": QUANTIZE_OUTSIDE_STAGE, "prune": PRUNE_OUTSIDE_STAGE, "share": SHARE_OUTSIDE_STAGE,
+            "distill": DISTILL_OUTSIDE_STAGE}
+
+
+def _params(command: str) -> dict:
+    group = typer.main.get_command(app)
+    return {p.name: p for p in group.commands[command].params}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace(".", "-").replace("_", "-")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_is_a_recipe_key_or_declared(command):
+    keys = {k.replace(".", "_"): k for k in stage_keys(command)}
+    outside = COMMANDS[command]
+    for name, param in _params(command).items():
+        if name in outside:
+            assert name not in keys, f"{command}: {name} is a stage key but declared outside the stage"
+            continue
+        assert name in keys, f"{command}: flag {param.opts} is neither a {command} recipe key nor declared"
+        assert param.opts[0] == _flag(keys[name]), f"{command}: key {keys[name]} must be spelled {_flag(keys[name])}"
+        # No CLI-only default: a flag left out is a key left out, so the config's default applies on both paths.
+        assert param.default in (None, (), []) or param.required, (command, name, param.default)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_recipe_key_has_a_flag(command):
+    params = _params(command)
+    outside = COMMANDS[command]
+    for key in stage_keys(command):
+        covered = key.replace(".", "_") in params or any(
+            where == key or where.startswith(key + ".") for where in outside.values())
+        assert covered, f"{command}: recipe key {key} has no flag ({_flag(key)})"
+
+
+def test_declared_outside_flags_exist():
+    for command, outside in COMMANDS.items():
+        params = set(_params(command)) | {"ctx"}
+        assert set(outside) <= params, (command, set(outside) - params)
+
+
+def _weights(folder):
+    from lmslim.modelio import resolve
+
+    return resolve(str(folder)).weights_hash()
+
+
+@pytest.mark.parametrize("flags,stage", [
+    (["quantize", "--method", "rtn", "--bits", "8"], {"quantize": {"method": "rtn", "bits": 8}}),
+    (["prune", "--method", "wanda", "--sparsity", "0.4", "--overrides", "*.down_proj=0.2", "--calib-samples", "4",
+      "--seq-len", "32"],
+     {"prune": {"method": "wanda", "sparsity": 0.4, "overrides": [["*.down_proj", 0.2]], "calib_samples": 4,
+                "seq_len": 32}}),
+    (["prune", "--method", "neurons", "--fraction", "0.5", "--calib-samples", "2", "--seq-len", "32"],
+     {"prune": {"method": "neurons", "fraction": 0.5, "calib_samples": 2, "seq_len": 32}}),
+])
+def test_command_and_compress_stage_give_the_same_model(tmp_path, capsys, flags, stage):
+    """The flag spelling and the recipe spelling of one stage produce bit-identical weights."""
+    import yaml
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration text about many different things, written plainly. " * 100)
+    cli_out = tmp_path / "cli"
+    assert main([flags[0], "builtin:tiny-llama", *flags[1:], "--calib", str(calib), "--out", str(cli_out)]) == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "builtin:tiny-llama", "data": {"calibration": str(calib)},
+                                      "stages": [stage], "eval": {"enabled": False}, "bench": {"enabled": False}}))
+    assert main(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert _weights(cli_out) == _weights(tmp_path / "run" / "model")
+    # The command's report is the stage's report (what compress records) plus the input and sizes.
+    report = json.loads((cli_out / f"lmslim_{flags[0]}.json").read_text())
+    stage_json = json.loads(next((tmp_path / "run" / "stages").glob("00-*/stage.json")).read_text())
+    assert set(stage_json["report"]) - {"seconds_total"} <= set(report)
+    assert report["weights_sha256"] == _weights("builtin:tiny-llama") and report["calib"] in (None, str(calib))

@@ -44,13 +44,13 @@ VARIANTS: dict[str, list[list[str]] | None] = {
     "magnitude 2:4": [["--method", "magnitude", "--n-m", "2:4"]],
     "wanda 2:4": [["--method", "wanda", "--n-m", "2:4"]],
     "sparsegpt 2:4": [["--method", "sparsegpt", "--n-m", "2:4"]],
-    "layers -25%": [["--method", "layers", "--sparsity", "0.25"]],
-    "layers -50%": [["--method", "layers", "--sparsity", "0.5"]],
-    "ffn neurons -25%": [["--method", "neurons", "--sparsity", "0.25"]],
-    "ffn neurons -50%": [["--method", "neurons", "--sparsity", "0.5"]],
-    "heads -25% (global)": [["--method", "heads", "--sparsity", "0.25", "--scope", "global"]],
-    "ffn -50% + layers -25%": [["--method", "neurons", "--sparsity", "0.5"],
-                               ["--method", "layers", "--sparsity", "0.25"]],
+    "layers -25%": [["--method", "layers", "--fraction", "0.25"]],
+    "layers -50%": [["--method", "layers", "--fraction", "0.5"]],
+    "ffn neurons -25%": [["--method", "neurons", "--fraction", "0.25"]],
+    "ffn neurons -50%": [["--method", "neurons", "--fraction", "0.5"]],
+    "heads -25% (global)": [["--method", "heads", "--fraction", "0.25", "--scope", "global"]],
+    "ffn -50% + layers -25%": [["--method", "neurons", "--fraction", "0.5"],
+                               ["--method", "layers", "--fraction", "0.25"]],
 }
 # Unstructured variants are benched only as examples (they cannot be faster on dense kernels).
 BENCHED_UNSTRUCTURED = ("magnitude 50%", "sparsegpt 2:4")

@@ -164,6 +164,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1).cpu().numpy().astype(np.uint8)
     if bits == 8:
         return torch.from_numpy(flat.copy())
+    if bits == 4:  # the same stream, two codes a byte (even index in the low nibble), without bit planes
+        flat = np.concatenate([flat, np.zeros(len(flat) % 2, np.uint8)])
+        return torch.from_numpy(flat[0::2] | (flat[1::2] << 4))
     # One row per code, its bits little-endian; then the bit stream is cut into bytes.
     bitplanes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]  # (N, bits)
     return torch.from_numpy(np.packbits(bitplanes.reshape(-1), bitorder="little"))
@@ -175,6 +178,8 @@ def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Ten
     raw = packed.cpu().numpy().astype(np.uint8)
     if bits == 8:
         return torch.from_numpy(raw[:n].copy()).reshape(shape)
+    if bits == 4:
+        return torch.from_numpy(np.stack([raw & 0xF, raw >> 4], 1).reshape(-1)[:n].copy()).reshape(shape)
     bitstream = np.unpackbits(raw, bitorder="little")[: n * bits].reshape(n, bits)
     padded = np.zeros((n, 8), dtype=np.uint8)
     padded[:, :bits] = bitstream

@@ -312,7 +312,7 @@ class DistributedConfig:
             UserError: tp x pp does not divide the world size, or a combination that is not supported.
 
         Example:
-            >>> DistributedConfig(tp=2).data_parallel(4)
+            >>> DistributedConfig(tp=2, strategy="fsdp").data_parallel(4)
             2
         """
         mp = self.model_parallel

@@ -218,7 +218,8 @@ def train(model: nn.Module, train_data: TokenizedSet, config: TrainConfig, runti
                         f"{', '.join(sorted(extras)[:3])}); use distributed.strategy=ddp")
     if layout.model_parallel:
         parallel.check_model(config.distributed, model.config.to_dict())
-    pipe = parallel.pipeline(model, layout, config, rt, extras, eval_data is not None or evaluator is not None)
+    pipe = parallel.pipeline(model, layout, config, rt, extras, eval_data is not None or evaluator is not None,
+                             custom_objective=objective is not task_loss)
     if sharded:
         from lmslim.nn.blocks import transformer_blocks
 

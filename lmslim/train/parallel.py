@@ -90,6 +90,10 @@ def layout(runtime: Any, config: DistributedConfig) -> Layout:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(runtime.device.type, (config.pp, dp, config.tp), mesh_dim_names=("pp", "dp", "tp"))
+    if dp > 1:
+        # dp x tp: DTensor warns at every gradient-norm and export that it reduces the two mesh dimensions one
+        # after the other; that is the intended order here, not something for the user to act on.
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     return Layout(dp, config.tp, config.pp, mesh, runtime.rank)
 
 
@@ -242,11 +246,16 @@ def tp_comm_bytes(dims: dict[str, int], tokens: int, tp: int, bytes_per_value: i
 
 
 def pipeline(model: nn.Module, layout: Layout, config: Any, runtime: Any, extras: dict[str, Any],
-             evaluates: bool) -> Any:
+             evaluates: bool, custom_objective: bool = False) -> Any:
     """This rank's :class:`~lmslim.train.pipeline.Pipeline` when ``pp > 1`` (None otherwise); refuses what it
     cannot do yet."""
     if layout.pp <= 1:
         return None
+    if custom_objective:
+        raise UserError("distributed.pp trains with the causal LM loss only (not distillation or another "
+                        "objective) yet; use distributed.strategy=ddp or fsdp")
+    if runtime.needs_grad_scaler:
+        raise UserError("distributed.pp with precision.mode=fp16 (loss scaling) is not supported; use bf16 or fp32")
     if extras:
         raise UserError("distributed.pp cannot train parameters outside the model yet (e.g. a distillation "
                         "projection); use distributed.strategy=ddp")

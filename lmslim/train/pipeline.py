@@ -75,8 +75,10 @@ class Pipeline:
         from lmslim.nn.blocks import family, transformer_blocks
 
         dcfg = config.distributed
-        if family(model) != "llama" or not hasattr(model, "model") or not hasattr(model.model, "rotary_emb"):
-            raise UserError(f"distributed.pp needs a Llama-style causal LM; {type(model).__name__} is not one")
+        if family(model) != "llama" or not hasattr(model, "model") or not hasattr(model.model, "rotary_emb") \
+                or model.get_output_embeddings() is None:
+            raise UserError(f"distributed.pp needs a Llama-style causal LM (task clm); {type(model).__name__} is "
+                            "not one")
         if config.batch.token_budget or config.batch.batch_size % dcfg.pp_microbatches:
             raise UserError(f"distributed.pp needs batch.token_budget=0 and batch.batch_size "
                             f"({config.batch.batch_size}) a multiple of distributed.pp_microbatches "
@@ -267,7 +269,7 @@ def comm_bytes(dims: dict[str, int], tokens: int, pp: int, bytes_per_value: int 
 
     Example:
         >>> comm_bytes({"hidden_size": 8}, tokens=16, pp=2)
-        512
+        1024
     """
     if pp <= 1:
         return 0

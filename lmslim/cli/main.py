@@ -48,6 +48,7 @@ def eval_cmd(
     label_column: Optional[str] = typer.Option(None, "--label-column"),
     json_out: Optional[Path] = JsonOpt, threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt,
     trust_remote_code: bool = TrustOpt,
+    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it is; torch loads it dequantized into PyTorch."),
 ) -> None:
     """Measure quality: perplexity (clm), accuracy/F1 (seq-cls), entity F1 (token-cls), similarity (embed)."""
     from lmslim.modelio import TASKS, load_model
@@ -63,6 +64,13 @@ def eval_cmd(
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"--max-tokens must be >= 2, got {max_tokens}")
     check_out(json_out, [model, data, reference])
+    from lmslim.measure.engines import check_engine, engine_info
+
+    if check_engine(engine, model) != "torch":
+        from lmslim.cli.engines import eval_in_engine
+
+        return eval_in_engine(engine, model, data, task, window, stride, max_tokens, json_out, threads, text_column,
+                              label_column)
     rt = Runtime.create(device=device, threads=threads)
     ds = load_data(data, task=task, text_column=text_column, label_column=label_column)
     lm = load_model(model, task=task, dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
@@ -78,6 +86,7 @@ def eval_cmd(
                          trust_remote_code=trust_remote_code) if reference else None
         metrics = ev.embedding_quality(lm.model, lm.tokenizer, ds, reference=ref, device=rt.device)
     result = envelope("eval", lm, rt.device)
+    result["engine"] = engine_info("torch")
     result["task"] = task
     result["data"] = {"spec": data, "examples": len(ds)}
     if "tokens_scored" in metrics:
@@ -106,6 +115,7 @@ def bench(
     task: str = typer.Option("auto", "--task", help="auto (from the architecture), clm or embed."),
     json_out: Optional[Path] = JsonOpt, threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt,
     trust_remote_code: bool = TrustOpt,
+    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it is; torch loads it dequantized into PyTorch."),
 ) -> None:
     """Measure cost on this device: prefill/decode latency, tokens/s, memory, size, FLOPs, bandwidth bound."""
     from lmslim.modelio import load_model, resolve
@@ -118,12 +128,19 @@ def bench(
     if task not in ("auto", "clm", "embed"):
         raise UserError(f"bench --task must be auto, clm or embed, got {task!r}")
     check_out(json_out, [model])
+    from lmslim.measure.engines import check_engine, engine_info
+
+    if check_engine(engine, model) != "torch":
+        from lmslim.cli.engines import bench_in_engine
+
+        return bench_in_engine(engine, model, cfg, task, json_out, threads)
     rt = Runtime.create(device=device, threads=threads)
     if task == "auto":
         task = _causal_or_embed(resolve(model))
     lm = load_model(model, task=task, dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
     metrics = run_bench(lm, cfg, device=rt.device)
     result = envelope("bench", lm, rt.device)
+    result["engine"] = engine_info("torch")
     result["task"] = task
     result["settings"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeats": repeats,
                           "warmup": warmup, "threads": rt.threads, "dtype": str(rt.dtype).removeprefix("torch.")}
@@ -230,7 +247,7 @@ def compare_cmd(results: list[Path] = typer.Argument(..., help="eval/bench JSON 
 
 
 # Commands that live in their own modules register themselves on ``app`` when imported.
-_COMMAND_MODULES = ("prune_cmd", "train_cmd", "distill_cmd", "pipeline_cmd")
+_COMMAND_MODULES = ("prune_cmd", "train_cmd", "distill_cmd", "pipeline_cmd", "export_cmd")
 
 
 def _register_commands() -> None:

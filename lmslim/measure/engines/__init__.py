@@ -1,0 +1,44 @@
+"""Engines a model can be measured in: PyTorch (lmslim's own modules) or the engine users deploy.
+
+``torch`` loads any model spec into PyTorch (a ``.gguf`` is dequantized first). ``llama.cpp`` runs a
+``.gguf`` file as it is, in llama.cpp (``llama_cpp.py``), over the same perplexity windows and with
+the same bench fields, so results compare across engines. Each result names its engine.
+
+Example:
+    >>> from lmslim.measure.engines import check_engine
+    >>> check_engine("torch", "builtin:tiny-llama")
+    'torch'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmslim.core.errors import UserError
+
+ENGINES = ("torch", "llama.cpp")
+
+
+def check_engine(engine: str, model: str) -> str:
+    """The engine name, after checking it can run ``model`` (a spec); UserError otherwise."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "llama.cpp":
+        path = Path(model).expanduser()
+        if path.suffix != ".gguf":
+            raise UserError(f"--engine llama.cpp runs a .gguf file; {model} is not one (make one with "
+                            "`lmslim export MODEL --format gguf --out FILE.gguf`)")
+        if not path.is_file():
+            raise UserError(f"model path {model} does not exist")
+    return engine
+
+
+def engine_info(engine: str) -> dict[str, str]:
+    """``{"name", "version"}`` of an engine as installed."""
+    if engine == "llama.cpp":
+        from lmslim.measure.engines.llama_cpp import engine_info as info
+
+        return info()
+    import torch
+
+    return {"name": "torch", "version": torch.__version__}

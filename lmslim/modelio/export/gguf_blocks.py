@@ -1,0 +1,122 @@
+"""GGUF weight types and their block layouts, written from lmslim's integer codes.
+
+The block types lmslim writes are all 32 weights along a row with fp16 parameters, and each is
+exactly one of lmslim's grids (``lmslim.nn.scheme``), so a file carries lmslim's rounding as is:
+
+=======  =====================================  ==========================================
+type     block (bytes)                          lmslim grid (``Scheme``)
+=======  =====================================  ==========================================
+q8_0     d fp16, 32 × int8 (34)                 8 bits, group 32, symmetric: w = d·(q−128)
+q4_0     d fp16, 16 bytes of nibbles (18)       4 bits, group 32, symmetric: w = d·(q−8)
+q4_1     d fp16, m fp16, 16 bytes (20)          4 bits, group 32, asymmetric: w = d·q + m
+=======  =====================================  ==========================================
+
+In a 4-bit block byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high
+nibble (ggml's layout). ``q4_1`` takes any asymmetric 4-bit group-32 grid (zero point or min/max):
+its ``m`` is lmslim's fp16 offset.
+
+Example:
+    >>> import torch
+    >>> from lmslim.nn.scheme import quantize_weight
+    >>> w = torch.randn(4, 64)
+    >>> q, s, o = quantize_weight(w, grid_of("q4_0"))
+    >>> raw = encode_codes(q, s, o, "q4_0")
+    >>> raw.shape, bool((decode_codes(raw, "q4_0", (4, 64)) == q.numpy()).all())
+    ((4, 36), True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmslim.core.errors import UserError
+from lmslim.nn.scheme import Scheme
+
+BLOCK = 32
+FLOAT_TYPES = ("f32", "f16")
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
+GGUF_TYPES = FLOAT_TYPES + BLOCK_TYPES
+_GRIDS = {"q8_0": Scheme(8, BLOCK, symmetric=True), "q4_0": Scheme(4, BLOCK, symmetric=True),
+          "q4_1": Scheme(4, BLOCK, symmetric=False, minmax=True)}
+_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+
+
+def check_type(name: str) -> str:
+    if name not in GGUF_TYPES:
+        raise UserError(f"unknown GGUF type {name!r}; choose one of: {', '.join(GGUF_TYPES)}")
+    return name
+
+
+def ggml_type(name: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[check_type(name).upper()]
+
+
+def grid_of(name: str) -> Scheme:
+    """The lmslim grid whose codes are exactly this block type's (used to round float weights onto it)."""
+    if name not in _GRIDS:
+        raise UserError(f"{name} is not a block-quantized GGUF type")
+    return _GRIDS[name]
+
+
+def fits_grid(scheme: Scheme, name: str) -> bool:
+    """Whether codes on ``scheme`` can be written as ``name`` blocks without any re-rounding."""
+    if name not in _GRIDS or scheme.group_size != BLOCK:
+        return False
+    if name == "q4_1":
+        return scheme.bits == 4
+    return scheme.bits == _GRIDS[name].bits and scheme.symmetric
+
+
+def block_bytes(name: str, rows: int, cols: int) -> int:
+    if name in FLOAT_TYPES:
+        return rows * cols * (4 if name == "f32" else 2)
+    return rows * cols // BLOCK * _BLOCK_BYTES[name]
+
+
+def _f16_bytes(t: torch.Tensor, rows: int, groups: int) -> np.ndarray:
+    return t.to(torch.float16).numpy().reshape(rows, groups, 1).view(np.uint8)  # (rows, G, 2)
+
+
+def _nibbles(codes: np.ndarray, rows: int, groups: int) -> np.ndarray:
+    q = codes.reshape(rows, groups, 2, BLOCK // 2)  # (rows, G, halves, 16)
+    return q[:, :, 0] | (q[:, :, 1] << 4)  # (rows, G, 16)
+
+
+def encode_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, name: str) -> np.ndarray:
+    """ggml blocks for codes (rows, cols) with per-(row, group) fp16 ``scale``/``offset`` (rows, cols/32).
+
+    Raises:
+        UserError: the parameters are not this type's (a symmetric type needs offset = -2^(bits-1)·scale).
+    """
+    rows, cols = codes.shape
+    if cols % BLOCK:
+        raise UserError(f"rows of {cols} weights do not split into {name}'s blocks of {BLOCK}")
+    groups = cols // BLOCK
+    scale, offset = scale.float(), offset.float()
+    if name in ("q8_0", "q4_0"):
+        half = 2 ** (_GRIDS[name].bits - 1)
+        if not torch.equal(offset, -half * scale):
+            raise UserError(f"weights are on an asymmetric grid; {name} stores symmetric blocks (use q4_1)")
+    q = codes.to(torch.uint8).numpy()
+    d = _f16_bytes(scale, rows, groups)
+    if name == "q8_0":
+        qs = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(rows, groups, BLOCK)
+        parts = [d, qs]
+    elif name == "q4_0":
+        parts = [d, _nibbles(q, rows, groups)]
+    else:
+        parts = [d, _f16_bytes(offset, rows, groups), _nibbles(q, rows, groups)]
+    return np.concatenate(parts, axis=2).reshape(rows, groups * _BLOCK_BYTES[name])
+
+
+def decode_codes(raw: np.ndarray, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """The unsigned codes stored in ``raw`` blocks (inverse of :func:`encode_codes`; for checks)."""
+    rows, cols = shape
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, _BLOCK_BYTES[name])
+    if name == "q8_0":
+        return (blocks[:, :, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(rows, cols)
+    qs = blocks[:, :, 2 if name == "q4_0" else 4:]  # (rows, G, 16)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(rows, cols)

@@ -13,11 +13,12 @@ venv: $(STAMP)
 
 # torch first, pinned: on this machine 2.13.0 is a local CPU build; an unpinned torch would pull a
 # multi-GB CUDA build. The project's own range (torch<2.15) is then already satisfied.
+# The engines extra compiles llama.cpp (llama-cpp-python) for this CPU once; pip caches the wheel.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,parquet]'
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q --disable-pip-version-check -e '.[dev,parquet,engines]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -6,9 +6,15 @@ memory is what running the file costs, not lmslim's or torch's. Stdlib, numpy an
 """
 
 import json
+import os
 import resource
 import sys
 import time
+
+# Run as a script, this file's folder leads sys.path, and lmslim's own llama_cpp.py there would
+# shadow the llama_cpp package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
 def _greedy(llama_cpp, llm, n_vocab):

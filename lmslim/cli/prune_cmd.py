@@ -44,12 +44,12 @@ def prune(
     ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to leave dense (repeatable)."),
     include_lm_head: Optional[bool] = typer.Option(None, "--include-lm-head/--no-include-lm-head",
                                                    help="Prune the LM head too (default off)."),
-    dense: bool = typer.Option(False, "--dense", help="Save zeros densely (a plain folder any tool loads) "
-                               "instead of bitmask + values."),
+    dense: bool = typer.Option(False, "--dense", help="Save zeros densely even where the model's format could "
+                               "store them compressed."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = ThreadsOpt, trust_remote_code: bool = TrustOpt,
 ) -> None:
-    """Prune a model and save it: zeros (bitmask-compressed on disk) or physically smaller matrices.
+    """Prune a model and save it: zeros in the weights, or physically smaller matrices.
 
     Each flag is the prune recipe stage's key of the same name (docs/recipes.md): the command runs a
     one-stage recipe, exactly as `lmslim compress` runs that stage.
@@ -63,6 +63,7 @@ def prune(
               f"{report['size_mb_after']:.1f} MB on disk ({report['storage']}); "
               f"peak RSS {report['peak_rss_mb']:.0f} MB")
     if "sparsity" in report:
-        out.print("note: zeros inside dense matrices make the file smaller, not the model faster on dense kernels "
+        smaller = "make the file smaller but" if report["storage"] != "dense" else "are stored densely and"
+        out.print(f"note: zeros inside dense matrices {smaller} do not make the model faster on dense kernels "
                   "(lmslim bench states this); structured methods (heads, neurons, layers) shrink the matrices")
     out.print(f"wrote {out_dir}")

@@ -11,13 +11,31 @@ import json
 import pytest
 import typer.main
 
-from lmslim.cli.distill_cmd import DISTILL_OUTSIDE_STAGE, SHARE_OUTSIDE_STAGE
-from lmslim.cli.main import QUANTIZE_OUTSIDE_STAGE, app, main
-from lmslim.cli.prune_cmd import PRUNE_OUTSIDE_STAGE
-from lmslim.recipes.stages import stage_keys
+import sys
 
-COMMANDS = {"quantize": QUANTIZE_OUTSIDE_STAGE, "prune": PRUNE_OUTSIDE_STAGE, "share": SHARE_OUTSIDE_STAGE,
-            "distill": DISTILL_OUTSIDE_STAGE}
+from lmslim.cli.main import app, main
+from lmslim.recipes.stages import STAGES, stage_keys
+
+
+def _tables() -> dict[str, dict]:
+    """``NAME_OUTSIDE_STAGE`` tables of the CLI modules: the technique commands that run a stage."""
+    found = {}
+    for module in [m for n, m in list(sys.modules.items()) if n.startswith("lmslim.cli.")]:
+        for attr in dir(module):
+            if attr.endswith("_OUTSIDE_STAGE"):
+                found[attr.removesuffix("_OUTSIDE_STAGE").lower()] = getattr(module, attr)
+    return found
+
+
+COMMANDS = _tables()
+
+
+def test_every_stage_with_a_command_is_a_one_stage_recipe():
+    commands = typer.main.get_command(app).commands
+    assert {"quantize", "prune", "share", "distill"} <= set(COMMANDS)
+    for name in STAGES:
+        if name in commands:  # a command named like a stage must run it (and declare its other flags)
+            assert name in COMMANDS, f"lmslim {name}: declare {name.upper()}_OUTSIDE_STAGE and run the stage"
 
 
 def _params(command: str) -> dict:

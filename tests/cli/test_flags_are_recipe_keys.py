@@ -30,12 +30,18 @@ def _tables() -> dict[str, dict]:
 COMMANDS = _tables()
 
 
+# Commands named like a stage that do not run it yet, and why: each entry is a known second path.
+NOT_YET_ONE_PATH = {"export": "lmslim export writes a GGUF file; the export stage only marks an HF folder"}
+
+
 def test_every_stage_with_a_command_is_a_one_stage_recipe():
     commands = typer.main.get_command(app).commands
     assert {"quantize", "prune", "share", "distill"} <= set(COMMANDS)
     for name in STAGES:
-        if name in commands:  # a command named like a stage must run it (and declare its other flags)
+        if name in commands and name not in NOT_YET_ONE_PATH:
+            # a command named like a stage runs it (and declares its flags that are not stage keys)
             assert name in COMMANDS, f"lmslim {name}: declare {name.upper()}_OUTSIDE_STAGE and run the stage"
+    assert not set(NOT_YET_ONE_PATH) & set(COMMANDS), "converted: remove it from NOT_YET_ONE_PATH"
 
 
 def _params(command: str) -> dict:

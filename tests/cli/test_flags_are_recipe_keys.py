@@ -117,3 +117,29 @@ def test_command_and_compress_stage_give_the_same_model(tmp_path, capsys, flags,
     stage_json = json.loads(next((tmp_path / "run" / "stages").glob("00-*/stage.json")).read_text())
     assert set(stage_json["report"]) - {"seconds_total"} <= set(report)
     assert report["weights_sha256"] == _weights("builtin:tiny-llama") and report["calib"] in (None, str(calib))
+
+
+def test_distill_command_and_compress_stage_give_the_same_student(tmp_path, capsys):
+    """The options that once existed only on the command line (anchor, teacher cache) are stage keys with the
+    same effect: the command and a one-stage compress run train bit-identical students."""
+    import yaml
+
+    text = tmp_path / "train.txt"
+    text.write_text("Distillation moves knowledge from a teacher to a student, one step at a time. " * 60)
+    cli_out = tmp_path / "cli"
+    assert main(["distill", "--teacher", "builtin:tiny-llama", "--student-layers", "2", "--anchor", "last",
+                 "--data", str(text), "--out", str(cli_out), "--max-steps", "2", "--teacher-cache",
+                 str(tmp_path / "cache-a"), "--top-k", "16", "batch.max_length=64", "batch.batch_size=2"]) == 0
+    stage = {"distill": {"student_layers": 2, "anchor": "last", "teacher_cache": str(tmp_path / "cache-b"),
+                         "top_k": 16, "train": {"max_steps": 2, "batch": {"max_length": 64, "batch_size": 2}}}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "builtin:tiny-llama", "data": {"train": str(text)}, "stages": [stage],
+                                      "eval": {"enabled": False}, "bench": {"enabled": False}}))
+    assert main(["compress", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert _weights(cli_out) == _weights(tmp_path / "run" / "model")
+    summary = json.loads((cli_out / "lmslim_distill.json").read_text())
+    stage_report = json.loads(next((tmp_path / "run" / "stages").glob("00-*/stage.json")).read_text())["report"]
+    for report in (summary, stage_report):
+        assert report["student"]["kept"] == [1] and report["student"]["anchor"] == "last"
+        assert report["teacher_cache"]["misses"] > 0 and report["train"]["steps"] == 2

@@ -1,6 +1,8 @@
 """Per-rank memory of tensor and pipeline parallelism (issue [parallel]; BENCHMARKS.md, "Model parallelism").
 
-For one process, tp=2 and pp=2 (2 gloo processes on this machine), on the same model and batch:
+For one process, tensor parallelism and pp=2 (gloo processes on this machine), on the same model and batch.
+SmolLM2-135M has 9 attention heads and 3 KV heads, so tensor parallelism over 2 ranks is refused (2 divides
+neither); ``--tp`` defaults to 3 (3 processes on 2 cores).
 
 - parameter and gradient bytes each rank holds (DTensor shards counted by their local part, parameters a
   pipeline stage does not hold live on ``meta`` and count 0; a tied weight once);
@@ -11,7 +13,7 @@ For one process, tp=2 and pp=2 (2 gloo processes on this machine), on the same m
 
 Usage:
     flock /tmp/lmslim-heavy.lock .venv/bin/python benchmarks/parallel_bench.py \\
-        [--model builtin:smollm2-135m] [--batch 4] [--seq-len 256] [--steps 4] [--json OUT]
+        [--model builtin:smollm2-135m] [--tp 3] [--batch 4] [--seq-len 256] [--steps 4] [--json OUT]
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def worker(args: argparse.Namespace) -> dict:
     from lmslim.train.data import Batcher, tokenize
     from lmslim.train.optim import build_optimizer
 
-    overrides = [f"distributed.{args.plan}=2"] if args.plan != "one" else []
+    degree = {"one": 1, "tp": args.tp, "pp": 2}[args.plan]
+    overrides = [f"distributed.{args.plan}={degree}"] if args.plan != "one" else []
     overrides += [f"batch.batch_size={args.batch}", f"batch.max_length={args.seq_len}", "batch.bucketing=false",
                   "distributed.pp_microbatches=2"]
     cfg = TrainConfig.from_dict({}, overrides)
@@ -50,6 +53,7 @@ def worker(args: argparse.Namespace) -> dict:
     model.train()
     model.config.use_cache = False
     full = parallel.parameter_bytes(model)
+    parallel.check_model(cfg.distributed, model.config.to_dict())
     layout = parallel.layout(rt, cfg.distributed)
     pipe = parallel.pipeline(model, layout, cfg, rt, {}, False)
     wrapped = dist_.wrap(model, rt, cfg.distributed, [], layout=layout) if args.plan == "tp" else model
@@ -86,6 +90,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--tp", type=int, default=3)
     ap.add_argument("--plan", default=None, help=argparse.SUPPRESS)  # set for the workers
     ap.add_argument("--result-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
@@ -97,12 +102,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--seq-len",
-                str(args.seq_len), "--steps", str(args.steps), "--result-dir", tmp]
+                str(args.seq_len), "--steps", str(args.steps), "--tp", str(args.tp), "--result-dir", tmp]
         ncores = os.cpu_count() or 2
         runs = [("one", base + ["--plan", "one"], {"OMP_NUM_THREADS": str(ncores)})]
-        for plan in ("tp", "pp"):
+        for plan, n in (("tp", args.tp), ("pp", 2)):
             runs.append((plan, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                "2", *base[1:], "--plan", plan], {"OMP_NUM_THREADS": str(max(1, ncores // 2))}))
+                                str(n), *base[1:], "--plan", plan], {"OMP_NUM_THREADS": str(max(1, ncores // n))}))
         for plan, cmd, env in runs:
             subprocess.run(cmd, check=True, env={**os.environ, **env})
         for f in sorted(Path(tmp).glob("*.json")):

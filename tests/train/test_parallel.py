@@ -238,3 +238,18 @@ def test_tensor_parallel_comm_model():
     # all-reduces: 2 (t-1)/t x (4 L + 2) x tokens x d; logits all-gather: (t-1)/t x tokens x vocab; fp32
     assert one == int((2 * 0.5 * 122 * 1024 * 576 + 0.5 * 1024 * 49152) * 4)
     assert comm_bytes(dims, tokens=1024, pp=2) == 2 * 1024 * 576 * 4
+
+
+def test_distillation_with_a_tensor_parallel_student_matches_one_process(text, tmp_path):
+    """The student is split over 2 ranks, the teacher replicated on each (it only runs forward)."""
+    (tmp_path / "student.yaml").write_text("num_hidden_layers: 1\nhidden_size: 32\nintermediate_size: 64\n"
+                                           "head_dim: 8\n")
+    runs = {}
+    for name, extra in (("one", []), ("tp", ["distributed.tp=2", "--nproc", "2"])):
+        r = lmslim("distill", "--teacher", "builtin:tiny-llama", "--student-config", str(tmp_path / "student.yaml"),
+                   "--data", str(text), "--out", str(tmp_path / name), "--max-steps", "5", *COMMON,
+                   "batch.batch_size=4", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = tmp_path / name
+    assert max_diff(weights(runs["one"]), weights(runs["tp"])) < ATOL
+    assert losses(runs["tp"]) == pytest.approx(losses(runs["one"]), abs=LOSS_TOL)

@@ -81,7 +81,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['gpus']} | {r['dp']} x {r['tp']} x {r['pp']} | {r['dp_kind']} | {r['static_gb']:.1f} | "
-              f"{r['act_gb']:.1f} | {r['dp_gb']:.1f} | {r['tp_gb']:.1f} | {r['pp_gb']:.2f} | {r['tflop_per_gpu']:.0f} |")
+              f"{r['act_gb']:.1f} | {r['dp_gb']:.1f} | {r['tp_gb']:.1f} | {r['pp_gb']:.2f} | "
+              f"{r['tflop_per_gpu']:.0f} |")
 
 
 if __name__ == "__main__":

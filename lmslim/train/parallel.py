@@ -127,7 +127,7 @@ def check_model(config: DistributedConfig, dims: dict[str, Any] | None) -> None:
         >>> check_model(DistributedConfig(tp=2), {"num_attention_heads": 3, "num_hidden_layers": 2})
         Traceback (most recent call last):
         ...
-        lmslim.core.errors.UserError: distributed.tp=2 does not divide num_attention_heads=3; choose a tp that divides it
+        lmslim.core.errors.UserError: distributed.tp=2 does not divide num_attention_heads=3; use a tp that divides it
     """
     if not dims:
         return
@@ -146,7 +146,7 @@ def check_model(config: DistributedConfig, dims: dict[str, Any] | None) -> None:
                             f"model; this config has no {key}")
         if value % degree:
             name = "pp" if key == "num_hidden_layers" else "tp"
-            raise UserError(f"distributed.{name}={degree} does not divide {key}={value}; choose a {name} that "
+            raise UserError(f"distributed.{name}={degree} does not divide {key}={value}; use a {name} that "
                             "divides it")
 
 

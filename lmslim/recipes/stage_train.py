@@ -161,7 +161,7 @@ def _mask_callback(model: torch.nn.Module, masks: dict[str, torch.Tensor]):
     return reapply
 
 
-def _run_training(lm, stage: TrainStage, ctx: StageContext, task: str, teacher=None):
+def _run_training(lm, stage: TrainStage, ctx: StageContext, task: str):
     from safetensors.torch import load_file
 
     from lmslim.data.spec import load_data
@@ -180,13 +180,8 @@ def _run_training(lm, stage: TrainStage, ctx: StageContext, task: str, teacher=N
         lm.tokenizer.pad_token = lm.tokenizer.eos_token
     masks = sparsity_masks(model) if stage.keep_sparsity else {}
     callbacks = [_mask_callback(model, masks)] if masks else []
-    objective = None
-    if stage.distill is not None:
-        from lmslim.compress.distill.objective import DistillObjective
-
-        objective = DistillObjective(teacher, model, stage.distill)
-    result = train(model, train_set, cfg, ctx.runtime, eval_data=eval_set, objective=objective,
-                   out_dir=ctx.work_dir, callbacks=callbacks)
+    result = train(model, train_set, cfg, ctx.runtime, eval_data=eval_set, out_dir=ctx.work_dir,
+                   callbacks=callbacks)
     if result.best_step is not None and result.best_step != result.steps:
         # The loop saved the best evaluated weights; hand those on, not the last step's.
         state = load_file(str(ctx.work_dir / "model.safetensors"))

@@ -43,6 +43,7 @@ import copy
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,12 @@ def _to_quant_linear(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor]
     packed_layout = scheme.symmetric  # see storage_format
     try:
         scale_ct = t["weight_scale"]
-        if packed_layout:
+        if packed_layout and scheme.bits == 8 and sys.byteorder == "little" and k % 4 == 0:
+            # 8-bit codes fill whole int32 words in order, stored offset by 128: on a little-endian
+            # host the words' bytes are lmslim's unsigned codes (unpack_from_int32 minus 128, without
+            # its 4-bytes-per-code temporaries)
+            q = t["weight_packed"].contiguous().view(torch.uint8).reshape(out, k).to(torch.int16) - scheme.half
+        elif packed_layout:
             q = unpack_from_int32(t["weight_packed"], scheme.bits, torch.Size([out, k]))
         else:
             q, zp = t["weight"], t["weight_zero_point"]

@@ -44,7 +44,7 @@ def build(work: Path) -> dict[str, str]:
     from lmslim.modelio.formats import save_model
 
     folders = {"fp32": str(load_model("builtin:smollm2-135m").resolved.path)}
-    for name, cfg in [("int8 (dynamic-int8, kernel int8)", DynamicInt8Config()),
+    for name, cfg in [("int8 (dynamic-int8, default kernel)", DynamicInt8Config()),
                       ("int4 (RTN w4 g128 asym, kernel dequant)", RTNConfig(bits=4, group_size=128,
                                                                              kernel="dequant"))]:
         out = work / name.split()[0]

@@ -2,7 +2,8 @@
 
 SmolLM2-135M, every row in one run, measured in llama.cpp (llama-cpp-python):
 - the released Q4_1 file (its weights define SmolLM2: Q4_1 of them is lossless, never a result);
-- lmslim's exports: f16, q8_0 (RTN), q4_0 (RTN, RTN + clip search, GPTQ on the q4_0 grid);
+- lmslim's exports: f32, f16, q8_0 (RTN), q4_0 (RTN; with ``--clip``/``--gptq`` also RTN + clip search
+  and GPTQ on the q4_0 grid);
 - llama.cpp's own quantization (``llama_model_quantize``, no importance matrix) of lmslim's f32
   export: Q8_0, Q4_0, Q4_K_M: the same-type comparison.
 Perplexity on the first ``--max-tokens`` of builtin:wiki:test (lmslim's windows, 512/256); decode
@@ -10,8 +11,8 @@ tok/s at an 8-token prompt, 64 greedy tokens, ``--rounds`` rounds with the files
 each round (median per file), each run in a fresh process (``llama_cpp_worker.py``).
 
 Usage:
-    .venv/bin/python benchmarks/gguf_bench.py [--out runs/gguf-bench] [--max-tokens 2048] [--rounds 3]
-        [--threads 1] [--no-gptq]
+    .venv/bin/python benchmarks/gguf_bench.py [--out runs/gguf-bench] [--max-tokens 1024] [--rounds 3]
+        [--threads 1] [--clip] [--gptq]
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gguf-bench")
-    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-gptq", action="store_true")
+    ap.add_argument("--clip", action="store_true", help="add q4_0 RTN with the clipping search")
+    ap.add_argument("--gptq", action="store_true", help="add q4_0 GPTQ (+ clip search) on the q4_0 grid")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -61,6 +63,7 @@ def main() -> None:
     from lmslim.data.spec import load_data
     from lmslim.measure.bench import BenchConfig
     from lmslim.measure.engines.llama_cpp import bench_gguf, perplexity_gguf
+    from lmslim.modelio import load_model
 
     o = args.out
     t0 = time.perf_counter()
@@ -71,10 +74,11 @@ def main() -> None:
             ("llama.cpp Q8_0", "q8_0", "llama.cpp", llama_quantize(f32, o / "llamacpp-q8_0.gguf", "Q8_0")),
             ("lmslim q8_0 RTN", "q8_0", "lmslim rtn", export(o / "lmslim-q8_0.gguf", "q8_0")),
             ("llama.cpp Q4_0", "q4_0", "llama.cpp", llama_quantize(f32, o / "llamacpp-q4_0.gguf", "Q4_0")),
-            ("lmslim q4_0 RTN", "q4_0", "lmslim rtn", export(o / "lmslim-q4_0.gguf", "q4_0")),
-            ("lmslim q4_0 RTN + clip", "q4_0", "lmslim rtn+clip",
-             export(o / "lmslim-q4_0-clip.gguf", "q4_0", "--clip-search"))]
-    if not args.no_gptq:
+            ("lmslim q4_0 RTN", "q4_0", "lmslim rtn", export(o / "lmslim-q4_0.gguf", "q4_0"))]
+    if args.clip:  # the range search is slow on 2 busy cores (minutes)
+        rows.append(("lmslim q4_0 RTN + clip", "q4_0", "lmslim rtn+clip",
+                     export(o / "lmslim-q4_0-clip.gguf", "q4_0", "--clip-search")))
+    if args.gptq:
         rows.append(("lmslim q4_0 GPTQ + clip", "q4_0", "lmslim gptq",
                      export(o / "lmslim-q4_0-gptq.gguf", "q4_0", "--method", "gptq", "--clip-search",
                             "--calib-samples", "32", "--seq-len", "256")))
@@ -82,9 +86,11 @@ def main() -> None:
     prep_s = time.perf_counter() - t0
 
     docs = load_data("builtin:wiki:test").documents
+    # Every file holds SmolLM2's vocabulary: one tokenizer (lmslim's copy) gives the ids for all of them.
+    tokenizer = load_model("builtin:smollm2-135m").tokenizer
     results = []
     for name, typ, method, path in rows:
-        r = perplexity_gguf(path, docs, max_tokens=args.max_tokens, threads=2)
+        r = perplexity_gguf(path, docs, max_tokens=args.max_tokens, threads=2, tokenizer=tokenizer)
         results.append({"name": name, "type": typ, "method": method, "file": str(path),
                         "size_mb": path.stat().st_size / 1e6, "perplexity": r["perplexity"],
                         "tokens_scored": r["tokens_scored"], "decode": []})

@@ -135,12 +135,17 @@ class LlamaCppLM:
 
 
 def perplexity_gguf(path: Path, documents: list[str], window: int = 512, stride: int = 256,
-                    max_tokens: int | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Perplexity of a GGUF file in llama.cpp on exactly the windows ``eval.perplexity`` uses."""
+                    max_tokens: int | None = None, threads: int | None = None, tokenizer=None) -> dict[str, Any]:
+    """Perplexity of a GGUF file in llama.cpp on exactly the windows ``eval.perplexity`` uses.
+
+    Args:
+        tokenizer: the Hugging Face tokenizer the file was made with (default: read from the file,
+            which takes ~1 minute for a 49k vocabulary; pass it when scoring many files of one model).
+    """
     from lmslim.measure.eval import perplexity
 
     path = Path(path)
-    tokenizer = gguf_tokenizer(path)
+    tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer(path)
     lm = LlamaCppLM(path, window, threads)
     try:
         return perplexity(lm, tokenizer, documents, window=window, stride=stride, max_tokens=max_tokens)

@@ -24,6 +24,19 @@ def _greedy(llama_cpp, llm, n_vocab):
     return int(logits.argmax())
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). ``ru_maxrss`` is not used: Linux carries the parent's peak
+    into a forked child, so a worker started by a large process would report its parent's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run(args: dict) -> dict:
     import llama_cpp
 
@@ -56,7 +69,7 @@ def run(args: dict) -> dict:
             rates.append(gen / (time.perf_counter() - t))
     llm.close()
     return {"prefill_ms": prefill_ms, "decode_rates": rates, "decode_steps_ms": steps_ms, "load_seconds": load_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "n_vocab": n_vocab}
+            "peak_rss_mb": peak_rss_mb(), "n_vocab": n_vocab}
 
 
 if __name__ == "__main__":

@@ -104,6 +104,10 @@ def test_bench_reports_the_torch_bench_fields(model, tmp_path):
     assert r["size_mb"] == path.stat().st_size / 1e6
     assert r["params"] == sum(p.numel() for p in model[0].parameters())  # tied embedding counted once
     assert r["prefill_ms_p95"] >= r["prefill_ms_p50"]
+    from lmslim.measure.bench import peak_rss_mb
+
+    # the engine's own process: a forked worker must not report this (torch-laden) process's peak
+    assert r["peak_rss_mb"] < peak_rss_mb()
 
 
 def test_cli_eval_and_bench_in_llama_cpp(model, tmp_path):

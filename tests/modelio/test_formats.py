@@ -275,3 +275,14 @@ def test_smollm2_quantized_and_sparse_folders_load_in_plain_transformers(tmp_pat
             plain = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids).logits
         assert torch.equal(ours, before)
         assert torch.equal(plain, ours)
+
+
+def test_format_order_does_not_depend_on_import_order():
+    import subprocess
+    import sys
+
+    code = ("import lmslim.modelio.formats.lmslim_sparse, lmslim.modelio.formats.lmslim_quantized\n"
+            "from lmslim.modelio.formats import registered_formats\n"
+            "print([f.name for f in registered_formats()][:4])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['compressed-tensors', 'lmslim-quantized', 'lmslim-shared', 'lmslim-sparse']"

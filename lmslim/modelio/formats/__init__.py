@@ -53,9 +53,15 @@ class _FormatTable:
 
     def all(self) -> tuple[ModelFormat, ...]:
         _ensure_builtin_formats()
-        return tuple(self._formats)
+        # Built-in formats in a fixed order whatever imported their modules first (a test or tool
+        # importing lmslim_quantized directly must not let it claim models before compressed-tensors).
+        rank = {name: i for i, name in enumerate(_BUILTIN_ORDER)}
+        return tuple(sorted(self._formats, key=lambda f: rank.get(f.name, len(rank))))
 
 
+# compressed-tensors first: a quantized model it can express is written in that standard layout;
+# the lmslim_* formats take what no standard layout holds (their folders refuse plain transformers).
+_BUILTIN_ORDER = ("compressed-tensors", "lmslim-quantized", "lmslim-shared", "lmslim-sparse")
 _TABLE = _FormatTable()
 register_format = _TABLE.add
 
@@ -66,8 +72,6 @@ def registered_formats() -> tuple[ModelFormat, ...]:
 
 def _ensure_builtin_formats() -> None:
     # Imported on first use (not at package import) so each format module can import this one.
-    # compressed_tensors first: a quantized model it can express is written in that standard layout;
-    # the lmslim_* formats take what no standard layout holds (their folders refuse plain transformers).
     from lmslim.modelio.formats import compressed_tensors  # noqa: F401
     from lmslim.modelio.formats import lmslim_quantized, lmslim_shared, lmslim_sparse  # noqa: F401
 

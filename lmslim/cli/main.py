@@ -48,7 +48,8 @@ def eval_cmd(
     label_column: Optional[str] = typer.Option(None, "--label-column"),
     json_out: Optional[Path] = JsonOpt, threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt,
     trust_remote_code: bool = TrustOpt,
-    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it is; torch loads it dequantized into PyTorch."),
+    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it "
+                               "is; torch loads it dequantized into PyTorch."),
 ) -> None:
     """Measure quality: perplexity (clm), accuracy/F1 (seq-cls), entity F1 (token-cls), similarity (embed)."""
     from lmslim.modelio import TASKS, load_model
@@ -115,7 +116,8 @@ def bench(
     task: str = typer.Option("auto", "--task", help="auto (from the architecture), clm or embed."),
     json_out: Optional[Path] = JsonOpt, threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt,
     trust_remote_code: bool = TrustOpt,
-    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it is; torch loads it dequantized into PyTorch."),
+    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it "
+                               "is; torch loads it dequantized into PyTorch."),
 ) -> None:
     """Measure cost on this device: prefill/decode latency, tokens/s, memory, size, FLOPs, bandwidth bound."""
     from lmslim.modelio import load_model, resolve

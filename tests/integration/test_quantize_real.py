@@ -31,9 +31,18 @@ def test_release_grid_makes_w4_g32_asymmetric_lossless():
         assert torch.allclose(q.dequantized_weight(), before[n], atol=1e-6, rtol=0)
 
 
-def test_dynamic_int8_perplexity_close_to_fp32(docs):
+@pytest.mark.parametrize("kernel,bound", [
+    ("int8", 0.03),  # exact W8A8 with 8-bit asymmetric per-token activations
+    # fbgemm: 7-bit activations where its int16 pair sums would overflow (AVX2 without VNNI), which
+    # costs quality; with 8-bit activations (VNNI CPUs) it meets the int8 kernel's bound.
+    ("fbgemm", 0.08),
+])
+def test_dynamic_int8_perplexity_close_to_fp32(docs, kernel, bound):
+    from lmslim.nn.quant_linear import fbgemm_saturates
+
     lm = load_model("builtin:smollm2-135m")
-    base = perplexity(lm.model, lm.tokenizer, docs, max_tokens=2048)["perplexity"]
-    quantize_(lm.model, DynamicInt8Config())
-    q = perplexity(lm.model, lm.tokenizer, docs, max_tokens=2048)["perplexity"]
-    assert q / base - 1 < 0.03  # per-token activation scales; per-tensor scales give ~4x here
+    base = perplexity(lm.model, lm.tokenizer, docs, max_tokens=1024)["perplexity"]
+    quantize_(lm.model, DynamicInt8Config(kernel=kernel))
+    q = perplexity(lm.model, lm.tokenizer, docs, max_tokens=1024)["perplexity"]
+    print(f"dynamic int8, {kernel} kernel (7-bit activations: {fbgemm_saturates()}): {q / base - 1:+.2%}")
+    assert q / base - 1 < (bound if kernel == "int8" or fbgemm_saturates() else 0.03)

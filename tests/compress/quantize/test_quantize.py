@@ -41,17 +41,17 @@ def test_dequant_kernel_matches_fake_quant_reference(scheme):
 
 
 def _emulated_fbgemm(x, w, bias, qmax):
-    """Reference for the fbgemm path: rows scaled to max |x| = 1, one asymmetric grid of qmax+1 codes
-    over the whole (scaled) input, int8 per-channel symmetric weights."""
+    """Reference for the fbgemm path: each row mapped affinely onto [-1, 1], one grid of qmax+1 codes
+    over the whole (mapped) input, int8 per-channel symmetric weights."""
     s_w = w.abs().amax(1, keepdim=True) / 127
     w8 = torch.round(w / s_w).clamp(-127, 127) * s_w
-    r = x.abs().amax(1, keepdim=True)
-    xn = x / r
-    lo, hi = min(xn.min().item(), 0.0), max(xn.max().item(), 0.0)
-    s = (hi - lo) / qmax
-    z = round(-lo / s)
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    xn = (x - mid) / half
+    s = 2.0 / qmax
+    z = round(1.0 / s)
     xq = (torch.clamp(torch.round(xn / s) + z, 0, qmax) - z) * s
-    return (xq @ w8.t()) * r + bias
+    return (xq * half + mid) @ w8.t() + bias
 
 
 def _outlier_case(kernel):

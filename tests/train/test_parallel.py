@@ -10,18 +10,14 @@ steps at lr 3e-3 that stays below 1e-4 (measured: ~1e-5).
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from lmslim.core.errors import UserError
 from lmslim.train.config import DistributedConfig
+from tests.train.runs import lmslim, losses, max_diff, run_train, weights, write_corpus
 
 ATOL = 1e-4
 LOSS_TOL = 1e-4
@@ -32,40 +28,11 @@ COMMON = ["batch.bucketing=false", "batch.max_length=32", "optim.lr=3e-3", "sche
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    words = "the cat sat on a mat while dogs ran in the park and birds sang songs of old times".split()
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(10, 60)))
-                                for _ in range(120)))
-    return path
-
-
-def lmslim(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lmslim.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return write_corpus(tmp_path_factory.mktemp("data") / "text.txt")
 
 
 def train(text: Path, out: Path, *extra: str, nproc: int | None = None) -> subprocess.CompletedProcess:
-    args = ["train", "builtin:tiny-llama", "--data", str(text), "--out", str(out), *COMMON, *extra]
-    if nproc:
-        args += ["--nproc", str(nproc)]
-    r = lmslim(*args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def losses(folder: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return run_train(text, out, COMMON, *extra, nproc=nproc)
 
 
 @pytest.fixture(scope="module")

@@ -219,9 +219,9 @@ def _run_distill_stage(recipe, stage, out_dir: Path, *, resume: bool, resume_cha
     """The distill stage with ``out_dir`` as its training folder (checkpoints, metrics, the final student)."""
     import torch
 
-    from lmslim.core.io import atomic_dir, atomic_write_json
+    from lmslim.compress.distill.run import publish_summary
     from lmslim.core.runtime import Runtime
-    from lmslim.modelio import load_model, resolve, save_model
+    from lmslim.modelio import load_model, resolve
     from lmslim.recipes.stages import STAGES, StageContext
     from lmslim.train import distributed
 
@@ -243,13 +243,7 @@ def _run_distill_stage(recipe, stage, out_dir: Path, *, resume: bool, resume_cha
     model, tokenizer, report = STAGES["distill"].run(lm, stage, ctx)
     summary = {**report, "data": recipe.data.train, "eval_data": recipe.data.validation,
                "seconds": time.perf_counter() - t0}
-    if stage.untrained:
-        with atomic_dir(out_dir) as tmp:
-            save_model(model, tokenizer, tmp)
-            atomic_write_json(tmp / "lmslim_distill.json", summary)
-    else:
-        atomic_write_json(out_dir / "lmslim_distill.json", summary)
-    return summary
+    return publish_summary(out_dir, summary, model, tokenizer, untrained=stage.untrained)
 
 
 def _print_summary(summary: dict) -> None:

@@ -206,10 +206,9 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
     Returns:
         The summary written to ``out_dir/lmslim_distill.json``.
     """
-    from lmslim.core.io import atomic_dir, atomic_write_json
     from lmslim.core.runtime import Runtime
     from lmslim.data.spec import load_data
-    from lmslim.modelio import load_model, save_model
+    from lmslim.modelio import load_model
     from lmslim.train.checkpoint import check_resume_changes
 
     if check_resume_changes(resume_changes) and not resume:  # before the teacher is loaded
@@ -234,9 +233,18 @@ def run_distill(*, teacher: str, data: str, out_dir: Path, distill_config: Disti
                                 resume_changes=resume_changes, train=not untrained, clear_out_dir=overwrite)
     summary.update(report)
     summary["seconds"] = time.perf_counter() - t0
+    return publish_summary(out_dir, summary, s_model, s_tok, untrained=untrained)
+
+
+def publish_summary(out_dir: Path, summary: dict, model: Any, tokenizer: Any, *, untrained: bool) -> dict:
+    """Write ``lmslim_distill.json`` into ``out_dir``; an untrained student (no training run saved it)
+    is published together with it, atomically."""
+    from lmslim.core.io import atomic_dir, atomic_write_json
+    from lmslim.modelio import save_model
+
     if untrained:
         with atomic_dir(out_dir) as tmp:
-            save_model(s_model, s_tok, tmp)
+            save_model(model, tokenizer, tmp)
             atomic_write_json(tmp / "lmslim_distill.json", summary)
     else:
         atomic_write_json(out_dir / "lmslim_distill.json", summary)

@@ -3,7 +3,7 @@
 The two int8 paths of ``QuantLinear`` differ by an order of magnitude depending on the CPU and the
 torch build: on an AVX2 EPYC without VNNI under torch 2.13, ``torch._int_mm`` measured 20–30× slower
 than the fp32 matmul of the same shape, while fbgemm's dynamic GEMM was 1.3–2.6× faster than fp32
-(benchmarks/kernels.py). Earlier builds on the same kind of machine had the order reversed. So
+(benchmarks/int8_kernels.py). Earlier builds on the same kind of machine had the order reversed. So
 ``kernel: auto`` is decided by a timing here, not assumed; the choice is stored per module in the
 saved folder, so reloading reproduces the same numerics.
 

@@ -4,7 +4,7 @@ For each (in → out) shape and token count, times in one process: fp32 ``F.line
 QuantLinear kernel (torch._int_mm + per-token activation quantization), the ``fbgemm`` kernel, and
 the ``dequant`` kernel on 4-bit g128 codes. Median of repeated runs after warm-up.
 
-Usage: .venv/bin/python benchmarks/kernels.py [--repeats 30]
+Usage: .venv/bin/python benchmarks/int8_kernels.py [--repeats 30]
 """
 
 from __future__ import annotations

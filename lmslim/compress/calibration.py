@@ -5,17 +5,33 @@ statistics are collected from its matrices' inputs, the block is compressed, and
 again — now compressed — to produce the inputs of the next block. Only one block's activations are
 live at a time, so peak memory stays near the model size plus one block's working set, and every
 block is calibrated on what the already-compressed blocks before it really produce.
+
+Streaming (``lmslim.compress.streaming``): a model built on the meta device carries a block stream
+(attribute ``lmslim_block_stream``); :func:`sequential` and :func:`each_block` then ask it to load
+each block's weights just before the block's turn and to write and free them right after, and keep
+the activations in its :class:`ActivationStore` (in memory up to a bound, on disk beyond). The
+techniques' per-block code is the same on both paths, so streaming gives the same codes.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from lmslim.nn.blocks import transformer_blocks  # noqa: F401 - techniques find blocks through here too
+
+STREAM_ATTR = "lmslim_block_stream"
+
+
+def block_stream(model: nn.Module) -> Any:
+    """The block stream a streaming run attached to ``model`` (None for a model in memory)."""
+    return model.__dict__.get(STREAM_ATTR)
+
 
 class _Captured(Exception):
     pass
@@ -48,6 +64,51 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.
     finally:
         handle.remove()
     return captured
+
+
+class ActivationStore:
+    """A block's calibration inputs: kept in memory up to ``limit_bytes``, written to ``folder`` beyond.
+
+    Only the hidden states (B, T, D) are spilled; the per-batch keyword arguments (rotary cos/sin,
+    masks, positions) are a fraction of them and stay in memory. Spilled tensors are written with
+    ``torch.save`` and read back with ``weights_only=True``, exactly (same bits).
+    """
+
+    def __init__(self, limit_bytes: float, folder: Path | None):
+        self.limit, self.folder = limit_bytes, folder
+        self.held = 0
+        self.spilled = 0
+        self._items: list[tuple[torch.Tensor | Path, dict[str, Any], torch.device]] = []
+        self._tag = uuid.uuid4().hex[:8]
+
+    def append(self, inp: BlockInput) -> None:
+        size = inp.hidden.numel() * inp.hidden.element_size()
+        if self.held + size <= self.limit or self.folder is None:
+            self.held += size
+            self._items.append((inp.hidden, inp.kwargs, inp.hidden.device))
+            return
+        path = self.folder / f"act-{self._tag}-{len(self._items)}.pt"
+        torch.save(inp.hidden.cpu(), path)
+        self.spilled += size
+        self._items.append((path, inp.kwargs, inp.hidden.device))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> BlockInput:
+        hidden, kwargs, device = self._items[i]
+        if isinstance(hidden, Path):
+            hidden = torch.load(hidden, weights_only=True).to(device)
+        return BlockInput(hidden, kwargs)
+
+    def __iter__(self) -> Iterator[BlockInput]:
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        for hidden, _, _ in self._items:
+            if isinstance(hidden, Path):
+                hidden.unlink(missing_ok=True)
+        self._items.clear()
 
 
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
@@ -88,16 +149,53 @@ def sequential(model: nn.Module, calib: torch.Tensor, target_names: set[str], ba
         The index of each block once it is done (for progress reporting).
     """
     path, blocks = transformer_blocks(model)
+    stream = block_stream(model)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+        if stream is None:
+            inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+        else:  # one batch at a time into the bounded store: the whole set may not fit in memory
+            inputs = stream.store()
+            for j in range(0, calib.shape[0], batch_size):
+                for inp in capture_block_inputs(model, blocks[0], calib[j:j + batch_size].to(stream.device),
+                                                batch_size):
+                    inputs.append(inp)
         for i, block in enumerate(blocks):
             prefix = f"{path}.{i}."
+            if stream is not None:
+                stream.load(i, block)
             mods = {n: m for n, m in model.named_modules() if n in target_names and n.startswith(prefix)}
             if mods:
                 compress_block(f"{path}.{i}", block, mods, inputs)
-            inputs = [BlockInput(run_block(block, inp), inp.kwargs) for inp in inputs]
+            if stream is None:
+                inputs = [BlockInput(run_block(block, inp), inp.kwargs) for inp in inputs]
+            else:
+                outputs = stream.store()
+                for inp in inputs:
+                    outputs.append(BlockInput(run_block(block, inp), inp.kwargs))
+                inputs.close()
+                inputs = outputs
+                stream.release(i, block)
             yield i
+        if stream is not None:
+            inputs.close()
     finally:
         model.config.use_cache = use_cache
+
+
+def each_block(model: nn.Module, target_names: set[str]) -> Iterator[tuple[str, nn.Module, dict[str, nn.Module]]]:
+    """``(block_path, block, {full_name: module})`` for every block, without calibration data.
+
+    On a streamed model each block is loaded before it is yielded and written and freed after.
+    """
+    path, blocks = transformer_blocks(model)
+    stream = block_stream(model)
+    for i, block in enumerate(blocks):
+        if stream is not None:
+            stream.load(i, block)
+        prefix = f"{path}.{i}."
+        yield f"{path}.{i}", block, {n: m for n, m in model.named_modules()
+                                     if n in target_names and n.startswith(prefix)}
+        if stream is not None:
+            stream.release(i, block)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from lmslim.compress.calibration import InputStats, run_block, sequential, transformer_blocks
-from lmslim.compress.prune.api import PRUNERS, SparsitySpec, linear_weight, sparse_targets, zero_fraction, keep_mask
-from lmslim.compress.prune.wanda import prune_outside_blocks
+from lmslim.compress.prune.api import PRUNERS, SparsitySpec, linear_weight, sparse_targets, keep_mask
+from lmslim.compress.prune.wanda import prune_outside_blocks, sparsity_summary
 from lmslim.compress.quantize.gptq import inverse_hessian_factor
 from lmslim.core.errors import UserError
 from lmslim.core.progress import track
@@ -106,6 +106,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 def _sparsegpt(model, config: SparseGPTConfig, calib: torch.Tensor) -> dict:
     targets = sparse_targets(model, config)
     errors: dict[str, float] = {}
+    zeros: dict[str, tuple[int, int]] = {}
 
     def compress_block(_path, block, mods, inputs):
         hessians = {n: torch.zeros(linear_weight(m).shape[1], linear_weight(m).shape[1]) for n, m in mods.items()}
@@ -128,6 +129,7 @@ def _sparsegpt(model, config: SparseGPTConfig, calib: torch.Tensor) -> dict:
             delta = w - new
             errors[name] = float(torch.trace(delta @ h @ delta.t()) / max(torch.trace(w @ h @ w.t()), 1e-12))
             w.copy_(new.to(w.dtype))
+            zeros[name] = (int((w == 0).sum()), w.numel())
 
     _, blocks = transformer_blocks(model)
     for _ in track(sequential(model, calib, set(targets), config.batch_size, compress_block), "SparseGPT blocks",
@@ -135,6 +137,6 @@ def _sparsegpt(model, config: SparseGPTConfig, calib: torch.Tensor) -> dict:
         pass
     leftovers = [n for n in targets if n not in errors]
     prune_outside_blocks(model, config, leftovers, "SparseGPT")
-    total, per = zero_fraction(model, list(targets))
+    total, per = sparsity_summary(model, list(targets), zeros)
     return {"sparsity": total, "modules": len(targets), "module_sparsity": per, "magnitude_modules": leftovers,
             "relative_output_error_mean": sum(errors.values()) / max(len(errors), 1)}

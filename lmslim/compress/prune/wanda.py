@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lmslim.compress.calibration import InputStats, run_block, sequential, transformer_blocks
-from lmslim.compress.prune.api import PRUNERS, SparsitySpec, keep_mask, linear_weight, sparse_targets, zero_fraction
+from lmslim.compress.prune.api import PRUNERS, SparsitySpec, keep_mask, linear_weight, sparse_targets
 from lmslim.core.errors import UserError
 from lmslim.core.progress import track
 
@@ -60,10 +60,26 @@ def prune_outside_blocks(model, config: SparsitySpec, names: list[str], method: 
         log.info("%s: %d module(s) outside the transformer blocks used magnitude scores: %s", method, len(names), names)
 
 
+def sparsity_summary(model, names: list[str], counted: dict[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
+    """``zero_fraction`` of ``names``, with the (zeros, size) counted while each block was in memory.
+
+    A streamed model's blocks are gone (on the meta device) once the loop ends, so their counts are
+    taken inside the loop; modules outside the blocks are still in memory and counted here.
+    """
+    counts = dict(counted)
+    for n in names:
+        if n not in counts:
+            w = linear_weight(model.get_submodule(n))
+            counts[n] = (int((w == 0).sum()), w.numel())
+    per = {n: counts[n][0] / counts[n][1] for n in names}
+    zeros, total = sum(counts[n][0] for n in names), sum(counts[n][1] for n in names)
+    return zeros / max(total, 1), per
+
+
 @PRUNERS.register("wanda", WandaConfig)
 def _wanda(model, config: WandaConfig, calib: torch.Tensor) -> dict:
     targets = sparse_targets(model, config)
-    done: set[str] = set()
+    zeros: dict[str, tuple[int, int]] = {}
 
     def compress_block(_path, block, mods, inputs):
         sq = {n: torch.zeros(linear_weight(m).shape[1]) for n, m in mods.items()}
@@ -81,13 +97,13 @@ def _wanda(model, config: WandaConfig, calib: torch.Tensor) -> dict:
             w = linear_weight(mod)
             keep = keep_mask(wanda_scores(w, sq[name]), config.sparsity_for(name), config.n_m, per_row=True)
             w.masked_fill_(~keep, 0)  # +0.0 (mul_ would leave -0.0, which the sparse format must store)
-            done.add(name)
+            zeros[name] = (int((w == 0).sum()), w.numel())
 
     _, blocks = transformer_blocks(model)
     for _ in track(sequential(model, calib, set(targets), config.batch_size, compress_block), "Wanda blocks",
                    total=len(blocks)):
         pass
-    leftovers = [n for n in targets if n not in done]
+    leftovers = [n for n in targets if n not in zeros]
     prune_outside_blocks(model, config, leftovers, "Wanda")
-    total, per = zero_fraction(model, list(targets))
+    total, per = sparsity_summary(model, list(targets), zeros)
     return {"sparsity": total, "modules": len(targets), "module_sparsity": per, "magnitude_modules": leftovers}

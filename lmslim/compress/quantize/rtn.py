@@ -77,7 +77,15 @@ def replace_with_quant(model, name: str, module, scheme: Scheme, kernel: str, we
 
 @QUANTIZERS.register("rtn", RTNConfig)
 def _rtn(model, config: RTNConfig, calib=None) -> dict:
-    for name, module in targets_of(model, config):
+    from lmslim.compress.calibration import block_stream, each_block
+
+    targets = dict(targets_of(model, config))
+    if block_stream(model) is not None:  # streamed: quantize each block while it is loaded
+        for _path, _block, mods in each_block(model, set(targets)):
+            for name, module in mods.items():
+                replace_with_quant(model, name, module, config.scheme, config.kernel, clip_search=config.clip_search)
+                del targets[name]
+    for name, module in targets.items():
         replace_with_quant(model, name, module, config.scheme, config.kernel, clip_search=config.clip_search)
     return {}
 

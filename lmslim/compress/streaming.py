@@ -1,0 +1,245 @@
+"""Compress a model larger than memory: one decoder block's weights in memory at a time.
+
+The model is built on the meta device (no memory). Its parts outside the decoder blocks (embedding,
+final norm, LM head, rotary tables) are read from the safetensors files; then the technique runs
+exactly as on a model in memory (``quantize_`` / ``prune_`` with the same handler), except that the
+block-by-block driver (``lmslim.compress.calibration.sequential``) asks the :class:`BlockStream` to
+
+1. read block i's tensors from the shards (memory-mapped, ``lmslim.modelio.stream.ShardReader``),
+   cast them as ``load_model`` does and move the block to the runtime's device;
+2. after the technique compressed it and its outputs became block i+1's inputs, write its
+   compressed tensors as one output shard (``ShardWriter``) and move it back to ``meta`` (freed).
+
+Calibration activations live in an :class:`~lmslim.compress.calibration.ActivationStore`: in memory
+up to ``max_activation_mb`` (shared by a block's inputs and its outputs), on disk beyond it. The
+output is a sharded folder (``model.safetensors.index.json``) in the compressed-tensors layout for
+quantization (``quantization_config`` in ``config.json``) or plain dense weights for pruning, built
+in a temporary sibling and published by one rename only when complete.
+
+Peak memory is then about one block's weights (plus the technique's per-block working set, e.g.
+GPTQ's Hessians), the non-block weights, the bounded activations and a fixed overhead (Python,
+torch, tokenizer); docs/scale.md has the measured arithmetic.
+
+Example:
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from lmslim.assets.tiny import build_tiny
+    >>> from lmslim.compress.quantize import RTNConfig
+    >>> model, tok = build_tiny("tiny-llama")
+    >>> src, out = Path(tempfile.mkdtemp()) / "m", Path(tempfile.mkdtemp()) / "q"
+    >>> model.save_pretrained(src); _ = tok.save_pretrained(src)
+    >>> stream_compress(src, "quantize", RTNConfig(bits=4, group_size=32), out)["modules"]
+    14
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmslim.compress.calibration import STREAM_ATTR, ActivationStore
+from lmslim.core.errors import UserError
+from lmslim.modelio.stream import ShardReader, ShardWriter
+from lmslim.nn.blocks import transformer_blocks
+from lmslim.nn.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+# Methods whose handler goes through the block-by-block driver (sequential / each_block) and so streams.
+STREAMABLE = {"quantize": ("gptq", "rtn", "awq"), "prune": ("sparsegpt", "wanda")}
+
+
+def check_streamable(stage: str, method: str, config: Any) -> None:
+    """One-line refusal for what cannot stream (yet)."""
+    if method not in STREAMABLE.get(stage, ()):
+        ok = ", ".join(f"{s} {'/'.join(m)}" for s, m in STREAMABLE.items())
+        raise UserError(f"{stage} {method} cannot stream yet (streaming supports {ok}); run it without --stream")
+    if getattr(config, "minmax", False):
+        raise UserError("streaming writes the compressed-tensors layout, which has no form for minmax grids; "
+                        "drop minmax or run without --stream")
+
+
+def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """What a (possibly quantized) module saves: compressed-tensors tensors for each ``QuantLinear``."""
+    from lmslim.modelio.formats.compressed_tensors import _module_tensors
+
+    quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    out = {}
+    seen: set[tuple[int, int]] = set()  # tied tensors (an LM head sharing the embedding) are stored once
+    for key, t in module.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in quant or t.is_meta:
+            continue
+        ident = (t.data_ptr(), t.numel())
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[prefix + key] = t
+    for name, mod in quant.items():
+        if not mod.scale.is_meta:
+            out.update({f"{prefix}{name}.{k}": v for k, v in _module_tensors(mod).items()})
+    return out
+
+
+@dataclass
+class BlockStream:
+    """Loads block i from the shards before its turn and writes and frees it after (see the module docstring)."""
+
+    reader: ShardReader
+    writer: ShardWriter
+    path: str  # dotted path of the block list, e.g. model.layers
+    device: torch.device
+    dtype: torch.dtype
+    activation_bytes: float
+    spill_dir: Path
+    peak_block_bytes: int = 0
+    spilled_bytes: int = 0
+
+    def load(self, index: int, block: nn.Module) -> None:
+        prefix = f"{self.path}.{index}."
+        state = {k[len(prefix):]: v for k, v in self.reader.load(prefix).items()}
+        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        _, unexpected = block.load_state_dict(state, strict=False, assign=True)
+        missing = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        if missing or unexpected:
+            raise UserError(f"{self.reader.folder}: block {index}'s stored weights do not match the config "
+                            f"(missing {missing[:3]}, unexpected {sorted(unexpected)[:3]}); re-export the model")
+        block.to(self.device)
+        self.peak_block_bytes = max(self.peak_block_bytes, sum(t.numel() * t.element_size() for t in state.values()))
+
+    def release(self, index: int, block: nn.Module) -> None:
+        self.writer.write(module_tensors(block, f"{self.path}.{index}."))
+        block.to("meta")
+
+    def store(self) -> ActivationStore:
+        # a block's inputs and its outputs are alive together: each gets half the bound
+        return _CountingStore(self, self.activation_bytes / 2, self.spill_dir)
+
+
+class _CountingStore(ActivationStore):
+    def __init__(self, stream: BlockStream, limit: float, folder: Path):
+        super().__init__(limit, folder)
+        self._stream = stream
+
+    def close(self) -> None:
+        self._stream.spilled_bytes = max(self._stream.spilled_bytes, self.spilled)
+        super().close()
+
+
+def _load_outside_blocks(model: nn.Module, reader: ShardReader, path: str, dtype: torch.dtype,
+                         device: torch.device) -> None:
+    """Embedding, final norm, LM head and computed buffers: everything but the blocks, in memory."""
+    from lmslim.modelio.formats.meta_load import _compute_buffers
+
+    state = reader.load("", exclude=(path + ".",))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _compute_buffers(model)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_meta and not n.startswith(path + ".")]
+    if missing or unexpected:
+        raise UserError(f"{reader.folder}: stored weights do not match the config (missing {missing[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}); re-export the model")
+    for name, mod in model.named_modules():
+        if not name.startswith(path + ".") and name != path:
+            for t in [*mod._parameters.values(), *mod._buffers.values()]:
+                if t is not None:
+                    t.data = t.data.to(device)
+
+
+def _finish_config(model: nn.Module, tokenizer: Any, folder: Path) -> str:
+    """config.json (with quantization_config for a quantized model), generation config, tokenizer."""
+    from lmslim.modelio.formats import save_config_and_tokenizer
+    from lmslim.modelio.formats.compressed_tensors import RECORD_FORMAT, quantization_config
+
+    save_config_and_tokenizer(model, tokenizer, folder)
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quant:
+        return "hf"
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data["lmslim_quantization"] = {**(data.get("lmslim_quantization") or {}), "format": RECORD_FORMAT}
+    data["quantization_config"] = quantization_config(quant)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return "compressed-tensors"
+
+
+def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path, calib: torch.Tensor | None = None,
+                    *, runtime: Any = None, max_activation_mb: float = 1024.0) -> dict[str, Any]:
+    """Quantize (``stage="quantize"``) or prune a safetensors model folder into ``out``, one block in memory.
+
+    Args:
+        folder: a full-precision transformers folder (``config.json`` + ``*.safetensors``, sharded or not).
+        config: the technique config (``GPTQConfig``, ``RTNConfig``, ``AWQConfig``, ``SparseGPTConfig``,
+            ``WandaConfig``).
+        calib: (n_samples, seq_len) token ids for calibrated methods.
+        runtime: ``lmslim.core.runtime.Runtime``; blocks are moved to its device one at a time (default CPU).
+        max_activation_mb: calibration activations kept in memory; beyond it they are spilled to disk.
+
+    Returns:
+        The technique's report plus ``streaming``: block bytes, activation bound, spilled bytes, shards.
+
+    Raises:
+        UserError: a method that cannot stream, a bound below one calibration batch, a damaged shard;
+            ``out`` is then left untouched.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lmslim.compress.prune.api import PRUNERS, prune_
+    from lmslim.compress.quantize.api import QUANTIZERS, quantize_
+    from lmslim.core.io import atomic_dir
+    from lmslim.core.runtime import Runtime
+    from lmslim.modelio.formats import format_for_config
+    from lmslim.modelio.formats.meta_load import empty_model
+    from lmslim.modelio.load import auto_class
+
+    folder, out = Path(folder), Path(out)
+    runtime = runtime or Runtime.create(device="cpu")
+    method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
+    check_streamable(stage, method, config)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for the same user problem
+        raise UserError(f"{folder}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from e
+    if format_for_config(hf_config) is not None:
+        raise UserError(f"{folder}: already compressed by lmslim or another tool; streaming reads full-precision "
+                        "transformers folders")
+    reader = ShardReader(folder)
+    model = empty_model(auto_class("clm"), hf_config)
+    model.eval()
+    path, blocks = transformer_blocks(model)
+    if calib is not None:
+        batch = min(int(getattr(config, "batch_size", calib.shape[0])), calib.shape[0])
+        one = batch * calib.shape[1] * hf_config.hidden_size * torch.finfo(runtime.dtype).bits // 8
+        if max_activation_mb * 1e6 / 2 < one:
+            raise UserError(f"max_activation_mb {max_activation_mb:g} is below what one block needs: a calibration "
+                            f"batch's input and output ({2 * one / 1e6:.1f} MB); raise it or lower batch_size/seq_len")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lmslim-spill-") as spill, atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp)
+        _load_outside_blocks(model, reader, path, runtime.dtype, runtime.device)
+        stream = BlockStream(reader, writer, path, runtime.device, runtime.dtype, max_activation_mb * 1e6, Path(spill))
+        model.__dict__[STREAM_ATTR] = stream
+        try:
+            with torch.no_grad():
+                report = (quantize_ if stage == "quantize" else prune_)(model, config, calib)
+        finally:
+            del model.__dict__[STREAM_ATTR]
+        writer.write(module_tensors(model, ""))  # everything outside the blocks (they are on meta now)
+        shards = writer.finish()
+        fmt = _finish_config(model, tokenizer, tmp)
+        report["streaming"] = {"blocks": len(blocks), "max_block_mb": stream.peak_block_bytes / 1e6,
+                               "max_activation_mb": max_activation_mb, "spilled_mb": stream.spilled_bytes / 1e6,
+                               "shards": shards, "format": fmt, "seconds": time.perf_counter() - t0}
+    return report

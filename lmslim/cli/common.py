@@ -23,6 +23,13 @@ ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cor
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 JsonOpt = typer.Option(None, "--json", help="Write the full result as JSON here (atomically).")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow model code from the model folder/hub (off by default).")
+StreamOpt = typer.Option(False, "--stream", help="Never load the whole model: read, compress, write and free one "
+                         "block at a time (a local safetensors folder; gptq/rtn/awq, sparsegpt/wanda; same result).")
+MaxActivationOpt = typer.Option(None, "--max-activation-mb", help="--stream: calibration activations kept in "
+                                "memory (default 1024); beyond it they go to a temporary folder on disk.")
+# Streaming changes where the work happens, not its result (bit-identical codes): a run control, not a stage key.
+STREAM_OUTSIDE = {"stream": "(run control: lmslim quantize/prune --stream)",
+                  "max_activation_mb": "(run control: lmslim quantize/prune --stream)"}
 
 
 def quiet_libraries() -> None:
@@ -87,7 +94,8 @@ def stage_options(flags: dict, outside: dict) -> dict:
 
 def run_stage_command(stage: str, options: dict, model: str, out_dir: Path, *, data: Optional[dict] = None,
                       task: str = "clm", overwrite: bool = False, threads: Optional[int] = None, device: str = "cpu",
-                      trust_remote_code: bool = False, dense: bool = False) -> dict:
+                      trust_remote_code: bool = False, dense: bool = False, stream: bool = False,
+                      max_activation_mb: Optional[float] = None) -> dict:
     """A technique command's whole body: its flags as a one-stage recipe, run as ``lmslim compress`` runs a stage.
 
     ``options`` are the stage's recipe keys (build them with ``lmslim.recipes.single.cli_options``),
@@ -99,7 +107,15 @@ def run_stage_command(stage: str, options: dict, model: str, out_dir: Path, *, d
     from lmslim.recipes.run import recipe_inputs
     from lmslim.recipes.single import run_single_stage, single_stage_recipe
 
+    if max_activation_mb is not None and (not stream or max_activation_mb <= 0):
+        from lmslim.core.errors import UserError
+
+        raise UserError("--max-activation-mb takes a positive number of MB and applies to --stream runs only")
     recipe, obj = single_stage_recipe(stage, options, model, data, task)
     guard_out(out_dir, inputs=[model, *recipe_inputs(recipe)], overwrite=overwrite)
     runtime = Runtime.create(device=device, threads=threads)
+    if stream:
+        from lmslim.recipes.single import run_streaming_stage
+
+        return run_streaming_stage(recipe, obj, out_dir, runtime, max_activation_mb=max_activation_mb)
     return run_single_stage(recipe, obj, out_dir, runtime, trust_remote_code=trust_remote_code, dense=dense)

@@ -15,8 +15,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmslim.cli.common import (DeviceOpt, JsonOpt, ThreadsOpt, TrustOpt, app, check_out, out, quiet_libraries,
-                               run_stage_command, stage_options, write_json)
+from lmslim.cli.common import (STREAM_OUTSIDE, DeviceOpt, JsonOpt, MaxActivationOpt, StreamOpt, ThreadsOpt, TrustOpt,
+                               app, check_out, out, quiet_libraries, run_stage_command, stage_options, write_json)
 from lmslim.core.errors import UserError
 
 @app.command()
@@ -48,8 +48,9 @@ def eval_cmd(
     label_column: Optional[str] = typer.Option(None, "--label-column"),
     json_out: Optional[Path] = JsonOpt, threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt,
     trust_remote_code: bool = TrustOpt,
-    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it "
-                               "is; torch loads it dequantized into PyTorch."),
+    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp | onnxruntime: llama.cpp runs a "
+                               ".gguf file as it is (torch loads it dequantized into PyTorch); onnxruntime runs "
+                               "an ONNX export folder."),
 ) -> None:
     """Measure quality: perplexity (clm), accuracy/F1 (seq-cls), entity F1 (token-cls), similarity (embed)."""
     from lmslim.modelio import TASKS, load_model
@@ -116,8 +117,9 @@ def bench(
     task: str = typer.Option("auto", "--task", help="auto (from the architecture), clm or embed."),
     json_out: Optional[Path] = JsonOpt, threads: Optional[int] = ThreadsOpt, device: str = DeviceOpt,
     trust_remote_code: bool = TrustOpt,
-    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp: llama.cpp runs a .gguf file as it "
-                               "is; torch loads it dequantized into PyTorch."),
+    engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp | onnxruntime: llama.cpp runs a "
+                               ".gguf file as it is (torch loads it dequantized into PyTorch); onnxruntime runs "
+                               "an ONNX export folder."),
 ) -> None:
     """Measure cost on this device: prefill/decode latency, tokens/s, memory, size, FLOPs, bandwidth bound."""
     from lmslim.modelio import load_model, resolve
@@ -162,7 +164,7 @@ def bench(
 # Flags of `lmslim quantize` that are not quantize-stage keys, and where a recipe says the same thing.
 QUANTIZE_OUTSIDE_STAGE = {"model": "model", "calib": "data.calibration", "out_dir": "compress --out",
                           "overwrite": "compress --overwrite", "threads": "compress --threads",
-                          "trust_remote_code": "(not in recipes: off)"}
+                          "trust_remote_code": "(not in recipes: off)", **STREAM_OUTSIDE}
 
 
 @app.command()
@@ -204,6 +206,7 @@ def quantize(
     ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to keep in full precision (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = ThreadsOpt, trust_remote_code: bool = TrustOpt,
+    stream: bool = StreamOpt, max_activation_mb: Optional[float] = MaxActivationOpt,
 ) -> None:
     """Quantize a model and save it (packed integer weights + scales, reloadable by every command).
 
@@ -212,7 +215,8 @@ def quantize(
     """
     options = stage_options(locals(), QUANTIZE_OUTSIDE_STAGE)  # first: locals() are the flags only
     report = run_stage_command("quantize", options, model, out_dir, data={"calibration": calib},
-                               overwrite=overwrite, threads=threads, trust_remote_code=trust_remote_code)
+                               overwrite=overwrite, threads=threads, trust_remote_code=trust_remote_code,
+                               stream=stream, max_activation_mb=max_activation_mb)
     out.print(f"{method}: {report['modules']} modules quantized in {report['seconds']:.1f} s; "
               f"{report['size_mb_before']:.1f} MB -> {report['size_mb_after']:.1f} MB; "
               f"peak RSS {report['peak_rss_mb']:.0f} MB")

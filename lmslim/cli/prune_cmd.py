@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
-from lmslim.cli.common import ThreadsOpt, TrustOpt, app, out, run_stage_command, stage_options
+from lmslim.cli.common import (STREAM_OUTSIDE, MaxActivationOpt, StreamOpt, ThreadsOpt, TrustOpt, app, out,
+                               run_stage_command, stage_options)
 
 # Flags of `lmslim prune` that are not prune-stage keys, and where a recipe says the same thing.
 PRUNE_OUTSIDE_STAGE = {"model": "model", "calib": "data.calibration", "out_dir": "compress --out",
                        "dense": "(saving: zeros stored densely)", "overwrite": "compress --overwrite",
-                       "threads": "compress --threads", "trust_remote_code": "(not in recipes: off)"}
+                       "threads": "compress --threads", "trust_remote_code": "(not in recipes: off)",
+                       **STREAM_OUTSIDE}
 
 
 @app.command()
@@ -48,6 +50,7 @@ def prune(
                                "store them compressed."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = ThreadsOpt, trust_remote_code: bool = TrustOpt,
+    stream: bool = StreamOpt, max_activation_mb: Optional[float] = MaxActivationOpt,
 ) -> None:
     """Prune a model and save it: zeros in the weights, or physically smaller matrices.
 
@@ -56,7 +59,8 @@ def prune(
     """
     options = stage_options(locals(), PRUNE_OUTSIDE_STAGE)  # first: locals() are the flags only
     report = run_stage_command("prune", options, model, out_dir, data={"calibration": calib}, overwrite=overwrite,
-                               threads=threads, trust_remote_code=trust_remote_code, dense=dense)
+                               threads=threads, trust_remote_code=trust_remote_code, dense=dense, stream=stream,
+                               max_activation_mb=max_activation_mb)
     what = (f"{report['sparsity']:.1%} of targeted weights zero" if "sparsity" in report else
             f"{report['params_before']:,} -> {report['params_after']:,} parameters")
     out.print(f"{method}: {what} in {report['seconds']:.1f} s; {report['size_mb_before']:.1f} MB -> "

@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -174,17 +174,21 @@ def _finish_config(model: nn.Module, tokenizer: Any, folder: Path) -> str:
     return "compressed-tensors"
 
 
-def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path, calib: torch.Tensor | None = None,
-                    *, runtime: Any = None, max_activation_mb: float = 1024.0) -> dict[str, Any]:
+def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path,
+                    calib: torch.Tensor | Callable[[Any], torch.Tensor] | None = None, *, runtime: Any = None,
+                    max_activation_mb: float = 1024.0,
+                    finalize: Callable[[Path, dict], None] | None = None) -> dict[str, Any]:
     """Quantize (``stage="quantize"``) or prune a safetensors model folder into ``out``, one block in memory.
 
     Args:
         folder: a full-precision transformers folder (``config.json`` + ``*.safetensors``, sharded or not).
         config: the technique config (``GPTQConfig``, ``RTNConfig``, ``AWQConfig``, ``SparseGPTConfig``,
             ``WandaConfig``).
-        calib: (n_samples, seq_len) token ids for calibrated methods.
+        calib: (n_samples, seq_len) token ids for calibrated methods, or a function of the tokenizer
+            that returns them.
         runtime: ``lmslim.core.runtime.Runtime``; blocks are moved to its device one at a time (default CPU).
         max_activation_mb: calibration activations kept in memory; beyond it they are spilled to disk.
+        finalize: called as ``(folder, report)`` on the finished folder before it is published (to add files).
 
     Returns:
         The technique's report plus ``streaming``: block bytes, activation bound, spilled bytes, shards.
@@ -204,6 +208,8 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
     from lmslim.modelio.load import auto_class
 
     folder, out = Path(folder), Path(out)
+    if not max_activation_mb > 0:
+        raise UserError(f"max_activation_mb must be a positive number of MB, got {max_activation_mb}")
     runtime = runtime or Runtime.create(device="cpu")
     method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
     check_streamable(stage, method, config)
@@ -212,6 +218,8 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for the same user problem
         raise UserError(f"{folder}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from e
+    if callable(calib):
+        calib = calib(tokenizer)
     if format_for_config(hf_config) is not None:
         raise UserError(f"{folder}: already compressed by lmslim or another tool; streaming reads full-precision "
                         "transformers folders")
@@ -242,4 +250,6 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
         report["streaming"] = {"blocks": len(blocks), "max_block_mb": stream.peak_block_bytes / 1e6,
                                "max_activation_mb": max_activation_mb, "spilled_mb": stream.spilled_bytes / 1e6,
                                "shards": shards, "format": fmt, "seconds": time.perf_counter() - t0}
+        if finalize is not None:
+            finalize(tmp, report)
     return report

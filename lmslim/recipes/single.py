@@ -87,6 +87,50 @@ def run_single_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, trust_re
     return report
 
 
+def run_streaming_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, max_activation_mb: float | None = None
+                        ) -> dict[str, Any]:
+    """``run_single_stage`` for a model that need not fit in memory (``--stream``): one block loaded at a time.
+
+    Same report and output folder contract (``lmslim.compress.streaming.stream_compress``); the input
+    must be a local folder of safetensors files.
+    """
+    from lmslim.compress.streaming import stream_compress
+    from lmslim.core.errors import UserError
+    from lmslim.core.io import atomic_write_json
+    from lmslim.measure.bench import peak_rss_mb
+    from lmslim.modelio import resolve
+    from lmslim.recipes.stages import STAGES
+
+    name = recipe.stages[0].name
+    resolved = resolve(recipe.model)
+    if resolved.path is None or not Path(resolved.path).is_dir():
+        raise UserError(f"--stream reads a local model folder of safetensors files; {recipe.model} is not one")
+    t0 = time.perf_counter()
+    size_before, weights = resolved.size_bytes(), resolved.weights_hash()
+
+    def calibration(tokenizer):
+        if "calibration" not in STAGES[name].needs(obj):
+            return None
+        from lmslim.data.calib import calibration_ids
+        from lmslim.data.spec import load_data
+
+        docs = load_data(recipe.data.calibration, task="clm").documents
+        return calibration_ids(tokenizer, docs, obj.calib_samples, obj.seq_len)
+
+    def finalize(tmp: Path, report: dict) -> None:
+        report.update({"model": recipe.model, "weights_sha256": weights, "options": recipe.stages[0].options,
+                       "format": report["streaming"]["format"], "storage": "dense", "size_mb_before": size_before / 1e6,
+                       "size_mb_after": sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 1e6,
+                       "peak_rss_mb": peak_rss_mb(), "wall_seconds": time.perf_counter() - t0})
+        report.setdefault("seconds", report["wall_seconds"])
+        report["calib"] = recipe.data.calibration if "calibration" in STAGES[name].needs(obj) else None
+        atomic_write_json(tmp / f"lmslim_{name}.json", json.loads(json.dumps(report, default=str)))
+
+    extra = {} if max_activation_mb is None else {"max_activation_mb": max_activation_mb}
+    return stream_compress(resolved.path, name, obj.config, out, calibration, runtime=runtime, finalize=finalize,
+                           **extra)
+
+
 def storage(folder: Path) -> str:
     """``bitmask+values`` when the saved weights hold sparse-compressed tensors, else ``dense``."""
     cfg = json.loads((Path(folder) / "config.json").read_text())

@@ -6,6 +6,9 @@ an offset, both stored as fp16; codes are unsigned integers in ``[0, 2^bits - 1]
 ``q * scale + offset`` (the "scale + min" layout of llama.cpp's Q4_1). Three ways to fit a grid:
 
 - symmetric: ``scale = max|w| / (2^(bits-1) - 1)``, ``offset = -2^(bits-1) * scale``;
+- symmetric ``signed_scale`` (ggml's Q4_0/Q8_0 rule): ``scale = m / -2^(bits-1)`` with ``m`` the
+  group's largest-magnitude value *with its sign*, so ``m`` lands exactly on code 0 and all 2^bits
+  codes are used (16 levels at 4 bits instead of 15); the scale may be negative;
 - asymmetric, integer zero point (default, the GPTQ/AWQ convention): the range is widened to
   include 0 and the zero point rounded to an integer code, so 0 is exactly representable;
 - asymmetric ``minmax``: the group's ``[min, max]`` maps onto the full code range (``offset = min``),
@@ -48,12 +51,15 @@ class Scheme:
     group_size: int | None = 128  # None: per output channel
     symmetric: bool = False
     minmax: bool = False  # asymmetric only: offset = group min (Q4_1) instead of an integer zero point
+    signed_scale: bool = False  # symmetric only: scale = m / -half with m the signed max-|w| value (ggml's Q4_0)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"unsupported bits {self.bits}; integer weight formats support {SUPPORTED_BITS}")
         if self.group_size is not None and self.group_size < 1:
             raise UserError(f"group size must be >= 1 (or omitted for per-channel), got {self.group_size}")
+        if self.signed_scale and not self.symmetric:
+            raise UserError("signed_scale is a rule for symmetric grids (ggml's Q4_0/Q8_0)")
 
     @property
     def half(self) -> int:
@@ -111,6 +117,13 @@ def search_params(block: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, to
 def _params_for(block: torch.Tensor, scheme: Scheme, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and offset for each row of a (out, cols) block, rounded to fp16 (their stored type)."""
     block = block.float()
+    if scheme.signed_scale:
+        # The signed extreme value maps onto code 0 (w = scale·(0 − half)), using the code the plain
+        # symmetric rule leaves unused: 2^bits levels, like ggml's Q4_0.
+        peak = block.gather(1, block.abs().argmax(1, keepdim=True)).squeeze(1)  # (out,)
+        scale = (peak * shrink / -scheme.half).half().float()
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+        return scale, -scheme.half * scale
     if scheme.symmetric:
         scale = block.abs().amax(1) * shrink / (scheme.half - 1)
     else:

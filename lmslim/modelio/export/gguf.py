@@ -34,9 +34,9 @@ import fnmatch
 import re
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -44,8 +44,9 @@ from torch import nn
 
 from lmslim.core.errors import UserError
 from lmslim.modelio.export import Exporter, register_exporter
-from lmslim.modelio.export.gguf_blocks import (BLOCK, BLOCK_TYPES, FLOAT_TYPES, GGUF_TYPES, check_type, encode_codes,
-                                               fits_grid, ggml_type, grid_of)
+from lmslim.modelio.export.gguf_blocks import (BLOCK, BLOCK_TYPES, FLOAT_TYPES, GGUF_TYPES, MIX_TYPES, check_type,
+                                               encode_codes, fits_grid, ggml_type, grid_of, mix_type, storable_type)
+from lmslim.modelio.export.gguf_kquants import quantize_kquant, quantize_q5_0
 from lmslim.modelio.export.gguf_vocab import add_tokenizer
 from lmslim.nn.blocks import family, transformer_blocks
 from lmslim.nn.quant_linear import QuantLinear, linear_weight
@@ -54,7 +55,8 @@ from lmslim.nn.scheme import quantize_weight
 log = logging.getLogger(__name__)
 
 _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
-              "q4_1": "MOSTLY_Q4_1"}
+              "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q4_k": "MOSTLY_Q4_K_S", "q6_k": "MOSTLY_Q6_K",
+              "q4_k_m": "MOSTLY_Q4_K_M"}
 _EMBED_NAMES = ("token_embd.weight", "output.weight")
 
 
@@ -63,16 +65,20 @@ class GGUFExportConfig:
     """What each tensor of the GGUF file becomes.
 
     Args:
-        type: base type of the matrices: f32, f16, q8_0, q4_0, q4_1.
-        embed_type: type of ``token_embd`` and ``output`` (None: q8_0 under a 4-bit type, else ``type``).
+        type: base type of the matrices: f32, f16, q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, or the mix q4_k_m.
+        embed_type: type of ``token_embd`` and ``output`` (None: q8_0 under q4_0/q4_1, q6_k under a
+            k-quant or q4_k_m, as llama.cpp; else ``type``).
         tensor_types: ``(glob, type)`` pairs on GGUF tensor names (``blk.*.ffn_down.weight``); first match wins.
         clip_search: round float weights with the clipping search of ``scheme.search_params``.
+        importance: GGUF tensor name -> per-input-column weights of the squared rounding error
+            (e.g. calibration ``E[x²]``, ``gguf_imatrix``) for the q5_0 / k-quant searches.
     """
 
     type: str = "f16"
     embed_type: str | None = None
     tensor_types: tuple[tuple[str, str], ...] = ()
     clip_search: bool = False
+    importance: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_type(self.type)
@@ -83,7 +89,8 @@ class GGUFExportConfig:
             if not pattern:
                 raise UserError("a tensor-type pattern is empty; give a glob such as 'blk.*.ffn_down.weight'")
 
-    def type_for(self, name: str) -> str:
+    def type_for(self, name: str, n_layers: int = 0) -> str:
+        """The requested type of tensor ``name`` (before a k-quant's row fallback, ``storable_type``)."""
         if name.endswith("_norm.weight"):
             return "f32"  # llama.cpp's norms are f32 vectors
         for pattern, t in self.tensor_types:
@@ -92,7 +99,11 @@ class GGUFExportConfig:
         if name in _EMBED_NAMES:
             if self.embed_type is not None:
                 return self.embed_type
-            return "q8_0" if self.type in ("q4_0", "q4_1") else self.type
+            if self.type in ("q4_k", "q4_k_m"):
+                return "q6_k"
+            return "q8_0" if self.type in ("q4_0", "q4_1", "q5_0") else self.type
+        if self.type in MIX_TYPES:
+            return mix_type(self.type, name, n_layers)
         return self.type
 
 
@@ -170,8 +181,8 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     return {by_id[id(t.module)]: t.name for t in _tensors(model, _llama_shape(model)) if t.module is not None}
 
 
-def _encode(t: _Tensor, kind: str, clip_search: bool) -> tuple[np.ndarray, Any]:
-    """(array, raw ggml type or None) for one tensor."""
+def _encode(t: _Tensor, kind: str, config: GGUFExportConfig) -> tuple[np.ndarray, Any]:
+    """(array, raw ggml type or None) for one tensor; ``kind`` is its storable type."""
     quant = t.module if isinstance(t.module, QuantLinear) else None
     if quant is not None:
         if kind == "f32":
@@ -198,8 +209,19 @@ def _encode(t: _Tensor, kind: str, clip_search: bool) -> tuple[np.ndarray, Any]:
         glob = re.sub(r"^blk\.\d+\.", "blk.*.", t.name)
         raise UserError(f"{t.name} has rows of {w.shape[-1]} weights, which {kind}'s blocks of {BLOCK} do not "
                         f"divide; keep it wider, e.g. --tensor-type '{glob}=f16'")
-    codes, scale, offset = quantize_weight(w, grid_of(kind), clip_search)
+    if kind not in BLOCK_TYPES:  # q5_0 and the k-quants: lmslim's searches in gguf_kquants
+        imp = (config.importance or {}).get(t.name)
+        w = w.numpy()
+        raw = quantize_q5_0(w, imp)[0] if kind == "q5_0" else quantize_kquant(w, kind, imp)[0]
+        return raw, ggml_type(kind)
+    codes, scale, offset = quantize_weight(w, grid_of(kind), config.clip_search)
     return encode_codes(codes, scale, offset, kind), ggml_type(kind)
+
+
+def _cols(t: _Tensor) -> int:
+    if t.module is None:
+        return int(t.tensor.shape[-1])
+    return t.module.in_features if isinstance(t.module, QuantLinear) else int(linear_weight(t.module).shape[1])
 
 
 def _framing(tokenizer) -> tuple[bool, bool]:
@@ -235,10 +257,17 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, config: GGUFExportConfig
     shape = _llama_shape(model)
     tensors = _tensors(model, shape)
     encoded = []
+    fallbacks = Counter()
     for t in tensors:  # every tensor is checked before anything is written
-        kind = config.type_for(t.name)
-        arr, raw = _encode(t, kind, config.clip_search)
+        wanted = config.type_for(t.name, shape["layers"])
+        cols = _cols(t)
+        kind = storable_type(wanted, cols)
+        if kind != wanted:  # as llama.cpp: a row that does not split into 256 takes the fallback type
+            fallbacks[f"{wanted}->{kind}"] += 1
+        arr, raw = _encode(t, kind, config)
         encoded.append((t.name, kind, arr, raw))
+    if fallbacks:
+        log.info("GGUF: k-quant fallbacks for rows not divisible by 256: %s", dict(fallbacks))
     w = _writer(path)
     w.add_name(str(getattr(model.config, "_name_or_path", "") or "lmslim export").split("/")[-1] or "lmslim export")
     w.add_context_length(shape["context"])
@@ -255,7 +284,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, config: GGUFExportConfig
     vocab_size = int(model.model.embed_tokens.weight.shape[0])
     w.add_vocab_size(vocab_size)
     w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPE[config.type]]))
-    if any(kind in BLOCK_TYPES for _, kind, _, _ in encoded):
+    if any(kind not in FLOAT_TYPES for _, kind, _, _ in encoded):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = add_tokenizer(w, tokenizer, vocab_size, *_framing(tokenizer))
     for name, _, arr, raw in encoded:
@@ -266,7 +295,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, config: GGUFExportConfig
     w.close()
     types = Counter(kind for _, kind, _, _ in encoded)
     return {"format": "gguf", "architecture": "llama", "type": config.type, "types": dict(types),
-            "tensors": len(encoded), "tokenizer": vocab, "shape": shape,
+            "tensors": len(encoded), "tokenizer": vocab, "shape": shape, "fallbacks": dict(fallbacks),
             "bytes": int(Path(path).stat().st_size)}
 
 

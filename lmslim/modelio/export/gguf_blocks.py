@@ -1,7 +1,7 @@
 """GGUF weight types and their block layouts, written from lmslim's integer codes.
 
-The block types lmslim writes are all 32 weights along a row with fp16 parameters, and each is
-exactly one of lmslim's grids (``lmslim.nn.scheme``), so a file carries lmslim's rounding as is:
+The legacy block types are 32 weights along a row with fp16 parameters, and each is exactly one of
+lmslim's grids (``lmslim.nn.scheme``), so a file carries lmslim's rounding as is:
 
 =======  =====================================  ==========================================
 type     block (bytes)                          lmslim grid (``Scheme``)
@@ -10,6 +10,15 @@ q8_0     d fp16, 32 × int8 (34)                 8 bits, group 32, symmetric: w 
 q4_0     d fp16, 16 bytes of nibbles (18)       4 bits, group 32, symmetric: w = d·(q−8)
 q4_1     d fp16, m fp16, 16 bytes (20)          4 bits, group 32, asymmetric: w = d·q + m
 =======  =====================================  ==========================================
+
+q8_0 and q4_0 round on ggml's own rule (``Scheme.signed_scale``): ``d = m / −2^(bits−1)`` with ``m``
+the block's largest-magnitude weight *with its sign*, so all 16 (256) codes are usable; ``d`` may be
+negative. A plain symmetric lmslim grid (15 codes) is a subset and is written as is too.
+
+The k-quants ``q4_k`` and ``q6_k`` (super-blocks of 256, ``gguf_kquants``) and ``q5_0`` (lmslim's
+search on ggml's 5-bit rule, ``gguf_kquants.quantize_q5_0``) are written from float weights only.
+``q4_k_m`` is a mix mirroring llama.cpp's Q4_K_M (``mix_type``). A k-quant tensor whose rows do not
+split into 256 takes llama.cpp's fallback type (``gguf_kquants.FALLBACK``), as llama.cpp does.
 
 In a 4-bit block byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high
 nibble (ggml's layout). ``q4_1`` takes any asymmetric 4-bit group-32 grid (zero point or min/max):
@@ -31,13 +40,18 @@ import numpy as np
 import torch
 
 from lmslim.core.errors import UserError
+from lmslim.modelio.export.gguf_kquants import FALLBACK, K_BLOCK_BYTES, QK
+from lmslim.modelio.export.gguf_kquants import K_TYPES as _KQ_TYPES
 from lmslim.nn.scheme import Scheme
 
 BLOCK = 32
 FLOAT_TYPES = ("f32", "f16")
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
-GGUF_TYPES = FLOAT_TYPES + BLOCK_TYPES
-_GRIDS = {"q8_0": Scheme(8, BLOCK, symmetric=True), "q4_0": Scheme(4, BLOCK, symmetric=True),
+K_TYPES = ("q5_0",) + _KQ_TYPES  # written from float weights by gguf_kquants
+MIX_TYPES = ("q4_k_m",)  # presets: a type per tensor, as llama.cpp's *_M mixes
+GGUF_TYPES = FLOAT_TYPES + BLOCK_TYPES + K_TYPES + MIX_TYPES
+_GRIDS = {"q8_0": Scheme(8, BLOCK, symmetric=True, signed_scale=True),
+          "q4_0": Scheme(4, BLOCK, symmetric=True, signed_scale=True),
           "q4_1": Scheme(4, BLOCK, symmetric=False, minmax=True)}
 _BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 
@@ -52,6 +66,34 @@ def ggml_type(name: str):
     from gguf import GGMLQuantizationType
 
     return GGMLQuantizationType[check_type(name).upper()]
+
+
+def _more_bits(i: int, n: int) -> bool:
+    # llama.cpp's use_more_bits: the first and last eighth of the layers, and every third one between
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_type(mix: str, name: str, n_layers: int) -> str:
+    """The type llama.cpp's ``mix`` (q4_k_m) gives tensor ``name`` before any row fallback.
+
+    Q4_K_M: the LM head (or the tied embedding) q6_k, ``attn_v`` and ``ffn_down`` q6_k in the layers
+    ``_more_bits`` picks, every other matrix q4_k (llama.cpp's llama-quant.cpp rules for a Llama).
+    """
+    if mix != "q4_k_m":
+        raise UserError(f"unknown type mix {mix!r}; choose one of: {', '.join(MIX_TYPES)}")
+    if name in ("output.weight", "token_embd.weight"):
+        return "q6_k"
+    layer = name.split(".")[1] if name.startswith("blk.") else None
+    if layer is not None and name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(int(layer), n_layers):
+        return "q6_k"
+    return "q4_k"
+
+
+def storable_type(name: str, cols: int) -> str:
+    """``name`` itself, or llama.cpp's fallback when rows of ``cols`` do not split into its super-blocks."""
+    if name in FALLBACK and cols % QK:
+        return FALLBACK[name]
+    return name
 
 
 def grid_of(name: str) -> Scheme:
@@ -73,7 +115,9 @@ def fits_grid(scheme: Scheme, name: str) -> bool:
 def block_bytes(name: str, rows: int, cols: int) -> int:
     if name in FLOAT_TYPES:
         return rows * cols * (4 if name == "f32" else 2)
-    return rows * cols // BLOCK * _BLOCK_BYTES[name]
+    if name in K_BLOCK_BYTES:
+        return rows * cols // QK * K_BLOCK_BYTES[name]
+    return rows * cols // BLOCK * (22 if name == "q5_0" else _BLOCK_BYTES[name])
 
 
 def _f16_bytes(t: torch.Tensor, rows: int, groups: int) -> np.ndarray:

@@ -1,0 +1,233 @@
+"""ggml's k-quant blocks (Q4_K, Q6_K) rounded by lmslim and packed byte for byte as ggml lays them out.
+
+A k-quant super-block holds 256 weights of one row and quantizes the *block parameters* too:
+
+- **Q4_K** (144 bytes): fp16 ``d`` and ``dmin``, 8 sub-blocks of 32 with 6-bit ``sc[j]`` and ``m[j]``,
+  4-bit codes: ``w = d·sc[j]·q − dmin·m[j]``. Sub-block ``j`` of a pair ``(2i, 2i+1)`` sits in the low
+  / high nibbles of bytes ``32i … 32i+31``; the 6-bit pairs share 12 bytes (``_pack_q4k_scales``).
+- **Q6_K** (210 bytes): 16 sub-blocks of 16 with int8 ``sc[j]``, fp16 ``d``, 6-bit codes:
+  ``w = d·sc[j]·(q − 32)``; low nibbles in 128 bytes, the high 2 bits in 64 (``_pack_q6k``).
+
+lmslim's rounding (RTN) is a search on the final two-level grid, not only on the float sub-block
+parameters: (1) each sub-block's (scale, min) is fitted by trying ``_STEPS`` candidate ranges, each
+refined by least squares on its codes (as llama.cpp's ``make_qkx2_quants`` does, but on plain squared
+error or on per-column importance, e.g. calibration ``E[x²]``, instead of ggml's ``|x|``-based
+weights); (2) the sub-block parameters are rounded onto the 6-bit grid of the super-block; (3) codes
+and 6-bit parameters are then refitted alternately on the quantized grid, keeping a change only
+where it lowers the sub-block's error. Rows whose length is not a multiple of 256 cannot hold
+k-quant blocks; the exporter uses llama.cpp's fallback type for them (``FALLBACK``).
+
+Example:
+    >>> import numpy as np
+    >>> from gguf import GGMLQuantizationType
+    >>> from gguf.quants import dequantize
+    >>> w = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)
+    >>> raw, deq = quantize_kquant(w, "q4_k")
+    >>> raw.shape, bool((dequantize(raw, GGMLQuantizationType.Q4_K) == deq).all())
+    ((4, 288), True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmslim.core.errors import UserError
+
+QK = 256
+K_TYPES = ("q4_k", "q6_k")
+# llama.cpp's own substitute when a row does not split into 256 (llama-quant.cpp): what it writes instead.
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}
+K_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210}
+_STEPS = 24  # candidate ranges per sub-block in step (1)
+_REFITS = 3  # code / parameter refits in step (3)
+
+
+def _lsq(x: np.ndarray, q: np.ndarray, w: np.ndarray, nonpos_offset: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares (scale, offset) of ``x ≈ scale·q + offset`` per row; offset ≤ 0 if asked."""
+    sw, sq, sx = w.sum(1), (w * q).sum(1), (w * x).sum(1)
+    sqq, sqx = (w * q * q).sum(1), (w * q * x).sum(1)
+    det = sw * sqq - sq * sq
+    ok = det > 0
+    scale = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1), 0)
+    offset = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1), 0)
+    if nonpos_offset:
+        pos = offset > 0  # Q4_K subtracts dmin·m with m ≥ 0: refit without offset
+        scale = np.where(pos, sqx / np.maximum(sqq, 1e-30), scale)
+        offset = np.where(pos, 0, offset)
+    return scale.astype(np.float32), offset.astype(np.float32)
+
+
+def _fit_asym(x: np.ndarray, w: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step (1) for Q4_K: (scale ≥ 0, offset ≤ 0) per row of ``x`` (N, 32) minimizing weighted error."""
+    lo = np.minimum(x.min(1), 0)
+    hi = x.max(1)
+    span = np.maximum(hi - lo, 1e-30)
+    best_s, best_o = span / levels, lo.copy()
+    best_err = np.full(len(x), np.inf, dtype=np.float32)
+    for step in range(_STEPS + 1):
+        iscale = (levels - 1.0 + 2.0 * step / _STEPS) / span  # ranges 1/16 wider … 1/16 narrower than [lo, hi]
+        q = np.clip(np.rint((x - lo[:, None]) * iscale[:, None]), 0, levels)
+        s, o = _lsq(x, q, w, nonpos_offset=True)
+        err = (w * (np.clip(np.rint((x - o[:, None]) / np.where(s > 0, s, 1)[:, None]), 0, levels) * s[:, None]
+                    + o[:, None] - x) ** 2).sum(1)
+        better = (err < best_err) & (s > 0)
+        best_err = np.where(better, err, best_err)
+        best_s, best_o = np.where(better, s, best_s), np.where(better, o, best_o)
+    return best_s, best_o
+
+
+def _to_6bit(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Super-block scale (fp16 as f32, (S,)) and integer multipliers (S, n) of non-negative ``values``."""
+    peak = values.max(1)
+    d = (peak / top).astype(np.float16).astype(np.float32)
+    safe = np.where(d > 0, d, 1)
+    return d, np.clip(np.rint(values / safe[:, None]), 0, top).astype(np.int32)
+
+
+def _q4k_grid(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K parameters and codes for ``x`` (S, 256): d, dmin (S,), sc, m (S, 8), codes (S, 256)."""
+    n_sb = len(x)
+    xs, ws = x.reshape(-1, 32), w.reshape(-1, 32)  # (S·8, 32)
+    s, o = _fit_asym(xs, ws, 15)
+    d, sc = _to_6bit(s.reshape(n_sb, 8), 63)
+    dmin, m = _to_6bit(-o.reshape(n_sb, 8), 63)
+
+    def codes_err(sc, m):
+        step = (d[:, None] * sc.astype(np.float32)).reshape(-1)  # (S·8,)
+        off = (dmin[:, None] * m.astype(np.float32)).reshape(-1)
+        q = np.clip(np.rint((xs + off[:, None]) / np.where(step > 0, step, 1)[:, None]), 0, 15)
+        q = np.where(step[:, None] > 0, q, 0)
+        return q, (ws * (step[:, None] * q - off[:, None] - xs) ** 2).sum(1)
+
+    q, err = codes_err(sc, m)
+    for _ in range(_REFITS):  # step (3): refit each sub-block's 6-bit parameters to its codes
+        s2, o2 = _lsq(xs, q, ws, nonpos_offset=True)
+        sc2 = np.clip(np.rint(s2.reshape(n_sb, 8) / np.where(d > 0, d, 1)[:, None]), 0, 63).astype(np.int32)
+        m2 = np.clip(np.rint(-o2.reshape(n_sb, 8) / np.where(dmin > 0, dmin, 1)[:, None]), 0, 63).astype(np.int32)
+        q2, err2 = codes_err(sc2, m2)
+        keep = (err2 < err).reshape(n_sb, 8)
+        sc, m = np.where(keep, sc2, sc), np.where(keep, m2, m)
+        q, err = codes_err(sc, m)
+    return d, dmin, sc, m, q.reshape(n_sb, QK).astype(np.uint8)
+
+
+def _pack_q4k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(S, 8) 6-bit scales and mins -> (S, 12) bytes in ggml's ``get_scale_min_k4`` order."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    out = np.empty((len(sc), 12), np.uint8)
+    out[:, 0:4] = (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6)  # top 2 bits of sub-blocks 4-7 ride along
+    out[:, 4:8] = (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _encode_q4k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d, dmin, sc, m, q = _q4k_grid(x, w)
+    qs = q.reshape(-1, 4, 2, 32)  # (S, pair, low/high, 32)
+    nib = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(-1, 128)
+    raw = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2),
+                          dmin.astype(np.float16).view(np.uint8).reshape(-1, 2), _pack_q4k_scales(sc, m), nib], 1)
+    step = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (S, 8, 1), as ggml multiplies
+    off = (dmin[:, None] * m.astype(np.float32))[:, :, None]
+    deq = (step * q.reshape(-1, 8, 32).astype(np.float32) - off).reshape(-1, QK)
+    return raw, deq
+
+
+def _signed_fit(xs: np.ndarray, ws: np.ndarray, half: int) -> np.ndarray:
+    """Scale per row of ``xs`` for codes ``−half … half−1`` (ggml's signed rule, then a search).
+
+    Starts from the signed extreme on code ``−half`` (``d = m / −half``), tries slightly narrower and
+    wider ranges, refits each by least squares on its codes, and keeps the least weighted error.
+    """
+    peak = np.take_along_axis(xs, np.abs(xs).argmax(1)[:, None], 1)[:, 0]
+    best_s, best_err = peak / -half, np.full(len(xs), np.inf, np.float32)
+    for step in range(_STEPS + 1):
+        s = peak / (-half + half / 8 * (step / _STEPS - 0.5))
+        safe = np.where(s != 0, s, 1)[:, None]
+        q = np.clip(np.rint(xs / safe), -half, half - 1)
+        num, den = (ws * q * xs).sum(1), (ws * q * q).sum(1)
+        s = np.where(den > 0, num / np.maximum(den, 1e-30), s)  # least-squares scale for these codes
+        safe = np.where(s != 0, s, 1)[:, None]
+        err = (ws * (np.clip(np.rint(xs / safe), -half, half - 1) * s[:, None] - xs) ** 2).sum(1)
+        better = err < best_err
+        best_err, best_s = np.where(better, err, best_err), np.where(better, s, best_s)
+    return best_s.astype(np.float32)
+
+
+def quantize_q5_0(weight: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_0 blocks (22 bytes per 32: fp16 d, 32 high bits, 16 bytes of nibbles) and their values.
+
+    ``w = d·(q − 16)``; the scale is ``_signed_fit``'s search (llama.cpp's reference rule is its start).
+    """
+    rows, cols = weight.shape
+    if cols % 32:
+        raise UserError(f"rows of {cols} weights do not split into q5_0's blocks of 32")
+    xs = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, 32)  # (rows·cols/32, 32)
+    ws = _weights(importance, rows, cols, 32)
+    d = _signed_fit(xs, ws, 16).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(xs / np.where(d != 0, d, 1)[:, None]), -16, 15)
+    q = (np.where(d[:, None] != 0, q, 0) + 16).astype(np.uint8)  # (B, 32) codes 0..31
+    nib = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    qh = np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")  # bit j = high bit of weight j
+    raw = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), qh, nib], 1)
+    deq = d[:, None] * (q.astype(np.int8) - np.int8(16)).astype(np.float32)
+    return raw.reshape(rows, -1), deq.reshape(rows, cols)
+
+
+def _weights(importance: np.ndarray | None, rows: int, cols: int, block: int) -> np.ndarray:
+    """Per-weight error weights (rows·cols/block, block) from per-column importance (cols,)."""
+    if importance is None:
+        return np.ones((rows * cols // block, block), np.float32)
+    imp = np.asarray(importance, np.float32).reshape(1, cols)
+    if imp.shape[1] != cols or not np.isfinite(imp).all() or (imp < 0).any():
+        raise UserError(f"importance must be {cols} finite non-negative values per column")
+    return np.ascontiguousarray(np.broadcast_to(imp, (rows, cols))).reshape(-1, block) + 1e-12
+
+
+def _q6k_grid(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K: d (S,), int8 sc (S, 16), codes 0..63 (S, 256) for ``x`` (S, 256)."""
+    n_sb = len(x)
+    xs, ws = x.reshape(-1, 16), w.reshape(-1, 16)  # (S·16, 16)
+    best_s = _signed_fit(xs, ws, 32)
+    sub = best_s.reshape(n_sb, 16).astype(np.float32)
+    ext = np.take_along_axis(sub, np.abs(sub).argmax(1)[:, None], 1)[:, 0]
+    d = (ext / -128).astype(np.float16).astype(np.float32)  # the extreme sub-scale lands on −128
+    sc = np.clip(np.rint(sub / np.where(d != 0, d, 1)[:, None]), -128, 127).astype(np.int8)
+    step = (d[:, None] * sc.astype(np.float32)).reshape(-1)
+    q = np.clip(np.rint(xs / np.where(step != 0, step, 1)[:, None]), -32, 31)
+    q = np.where(step[:, None] != 0, q, 0)
+    return d, sc, (q + 32).reshape(n_sb, QK).astype(np.uint8)
+
+
+def _encode_q6k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d, sc, q = _q6k_grid(x, w)
+    halves = q.reshape(-1, 2, 128)  # (S, half, 128): each half is 4 rows of 32
+    ql = (halves[:, :, :64] & 0x0F) | ((halves[:, :, 64:] & 0x0F) << 4)  # (S, 2, 64)
+    hi = (halves >> 4).reshape(-1, 2, 4, 32)  # (S, half, quarter, 32)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # (S, 2, 32)
+    raw = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8),
+                          d.astype(np.float16).view(np.uint8).reshape(-1, 2)], 1)
+    step = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (S, 16, 1)
+    deq = (step * (q.reshape(-1, 16, 16).astype(np.int8) - np.int8(32)).astype(np.float32)).reshape(-1, QK)
+    return raw, deq
+
+
+def quantize_kquant(weight: np.ndarray, kind: str, importance: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``kind`` blocks for ``weight`` (rows, cols) -> (raw uint8 (rows, cols/256·bytes), dequantized f32).
+
+    Args:
+        importance: optional per-column weights (cols,) of the squared error, e.g. calibration ``E[x²]``.
+
+    Raises:
+        UserError: ``cols`` is not a multiple of 256 or the type is not a k-quant lmslim writes.
+    """
+    if kind not in K_TYPES:
+        raise UserError(f"{kind} is not a k-quant type lmslim writes ({', '.join(K_TYPES)})")
+    rows, cols = weight.shape
+    if cols % QK:
+        raise UserError(f"rows of {cols} weights do not split into {kind}'s super-blocks of {QK}")
+    x = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, QK)  # (rows·cols/256, 256)
+    w = _weights(importance, rows, cols, QK)
+    raw, deq = (_encode_q4k if kind == "q4_k" else _encode_q6k)(x, w)
+    return raw.reshape(rows, -1), deq.reshape(rows, cols)

@@ -15,14 +15,12 @@ techniques' per-block code is the same on both paths, so streaming gives the sam
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from lmslim.modelio.stream import ActivationStore, BlockInput, capture_block_inputs, run_block  # noqa: F401
 from lmslim.nn.blocks import transformer_blocks  # noqa: F401 - techniques find blocks through here too
 
 STREAM_ATTR = "lmslim_block_stream"
@@ -31,89 +29,6 @@ STREAM_ATTR = "lmslim_block_stream"
 def block_stream(model: nn.Module) -> Any:
     """The block stream a streaming run attached to ``model`` (None for a model in memory)."""
     return model.__dict__.get(STREAM_ATTR)
-
-
-class _Captured(Exception):
-    pass
-
-
-@dataclass
-class BlockInput:
-    hidden: torch.Tensor  # (B, T, D)
-    kwargs: dict[str, Any]
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int
-                         ) -> list[BlockInput]:
-    """Run the model up to ``first_block`` for each calibration batch and keep what enters it."""
-    captured: list[BlockInput] = []
-
-    def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(BlockInput(hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Captured
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(0, calib.shape[0], batch_size):
-            try:
-                model(input_ids=calib[i:i + batch_size], use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-class ActivationStore:
-    """A block's calibration inputs: kept in memory up to ``limit_bytes``, written to ``folder`` beyond.
-
-    Only the hidden states (B, T, D) are spilled; the per-batch keyword arguments (rotary cos/sin,
-    masks, positions) are a fraction of them and stay in memory. Spilled tensors are written with
-    ``torch.save`` and read back with ``weights_only=True``, exactly (same bits).
-    """
-
-    def __init__(self, limit_bytes: float, folder: Path | None):
-        self.limit, self.folder = limit_bytes, folder
-        self.held = 0
-        self.spilled = 0
-        self._items: list[tuple[torch.Tensor | Path, dict[str, Any], torch.device]] = []
-        self._tag = uuid.uuid4().hex[:8]
-
-    def append(self, inp: BlockInput) -> None:
-        size = inp.hidden.numel() * inp.hidden.element_size()
-        if self.held + size <= self.limit or self.folder is None:
-            self.held += size
-            self._items.append((inp.hidden, inp.kwargs, inp.hidden.device))
-            return
-        path = self.folder / f"act-{self._tag}-{len(self._items)}.pt"
-        torch.save(inp.hidden.cpu(), path)
-        self.spilled += size
-        self._items.append((path, inp.kwargs, inp.hidden.device))
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, i: int) -> BlockInput:
-        hidden, kwargs, device = self._items[i]
-        if isinstance(hidden, Path):
-            hidden = torch.load(hidden, weights_only=True).to(device)
-        return BlockInput(hidden, kwargs)
-
-    def __iter__(self) -> Iterator[BlockInput]:
-        return (self[i] for i in range(len(self)))
-
-    def close(self) -> None:
-        for hidden, _, _ in self._items:
-            if isinstance(hidden, Path):
-                hidden.unlink(missing_ok=True)
-        self._items.clear()
-
-
-def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
-    out = block(inp.hidden, **inp.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class InputStats:

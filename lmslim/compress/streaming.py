@@ -47,7 +47,7 @@ from torch import nn
 
 from lmslim.compress.calibration import STREAM_ATTR, ActivationStore
 from lmslim.core.errors import UserError
-from lmslim.modelio.stream import ShardReader, ShardWriter
+from lmslim.modelio.stream import ShardWriter, StreamedModel, open_streamed
 from lmslim.nn.blocks import transformer_blocks
 from lmslim.nn.quant_linear import QuantLinear
 
@@ -93,30 +93,24 @@ def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 class BlockStream:
     """Loads block i from the shards before its turn and writes and frees it after (see the module docstring)."""
 
-    reader: ShardReader
+    source: StreamedModel
     writer: ShardWriter
-    path: str  # dotted path of the block list, e.g. model.layers
-    device: torch.device
-    dtype: torch.dtype
     activation_bytes: float
     spill_dir: Path
     peak_block_bytes: int = 0
     spilled_bytes: int = 0
 
+    @property
+    def device(self) -> torch.device:
+        return self.source.device
+
     def load(self, index: int, block: nn.Module) -> None:
-        prefix = f"{self.path}.{index}."
-        state = {k[len(prefix):]: v for k, v in self.reader.load(prefix).items()}
-        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
-        _, unexpected = block.load_state_dict(state, strict=False, assign=True)
-        missing = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
-        if missing or unexpected:
-            raise UserError(f"{self.reader.folder}: block {index}'s stored weights do not match the config "
-                            f"(missing {missing[:3]}, unexpected {sorted(unexpected)[:3]}); re-export the model")
-        block.to(self.device)
-        self.peak_block_bytes = max(self.peak_block_bytes, sum(t.numel() * t.element_size() for t in state.values()))
+        self.source.load_block(index)  # the driver's ``block`` is this model's own block ``index``
+        size = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
+        self.peak_block_bytes = max(self.peak_block_bytes, size)
 
     def release(self, index: int, block: nn.Module) -> None:
-        self.writer.write(module_tensors(block, f"{self.path}.{index}."))
+        self.writer.write(module_tensors(block, f"{self.source.path}.{index}."))
         block.to("meta")
 
     def store(self) -> ActivationStore:
@@ -132,29 +126,6 @@ class _CountingStore(ActivationStore):
     def close(self) -> None:
         self._stream.spilled_bytes = max(self._stream.spilled_bytes, self.spilled)
         super().close()
-
-
-def _load_outside_blocks(model: nn.Module, reader: ShardReader, path: str, dtype: torch.dtype,
-                         device: torch.device) -> None:
-    """Embedding, final norm, LM head and computed buffers: everything but the blocks, in memory."""
-    from lmslim.modelio.formats.meta_load import _compute_buffers
-
-    state = reader.load("", exclude=(path + ".",))
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    _compute_buffers(model)
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-               if t.is_meta and not n.startswith(path + ".")]
-    if missing or unexpected:
-        raise UserError(f"{reader.folder}: stored weights do not match the config (missing {missing[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); re-export the model")
-    for name, mod in model.named_modules():
-        if not name.startswith(path + ".") and name != path:
-            for t in [*mod._parameters.values(), *mod._buffers.values()]:
-                if t is not None:
-                    t.data = t.data.to(device)
 
 
 def _finish_config(model: nn.Module, tokenizer: Any, folder: Path) -> str:
@@ -197,15 +168,10 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
         UserError: a method that cannot stream, a bound below one calibration batch, a damaged shard;
             ``out`` is then left untouched.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     from lmslim.compress.prune.api import PRUNERS, prune_
     from lmslim.compress.quantize.api import QUANTIZERS, quantize_
     from lmslim.core.io import atomic_dir
     from lmslim.core.runtime import Runtime
-    from lmslim.modelio.formats import format_for_config
-    from lmslim.modelio.formats.meta_load import empty_model
-    from lmslim.modelio.load import auto_class
 
     folder, out = Path(folder), Path(out)
     if not max_activation_mb > 0:
@@ -213,20 +179,10 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
     runtime = runtime or Runtime.create(device="cpu")
     method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
     check_streamable(stage, method, config)
-    try:
-        hf_config = AutoConfig.from_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for the same user problem
-        raise UserError(f"{folder}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from e
+    source = open_streamed(folder, dtype=runtime.dtype, device=runtime.device, quantized_ok=False)
+    model, tokenizer, hf_config = source.model, source.tokenizer, source.model.config
     if callable(calib):
         calib = calib(tokenizer)
-    if format_for_config(hf_config) is not None:
-        raise UserError(f"{folder}: already compressed by lmslim or another tool; streaming reads full-precision "
-                        "transformers folders")
-    reader = ShardReader(folder)
-    model = empty_model(auto_class("clm"), hf_config)
-    model.eval()
-    path, blocks = transformer_blocks(model)
     if calib is not None:
         batch = min(int(getattr(config, "batch_size", calib.shape[0])), calib.shape[0])
         one = batch * calib.shape[1] * hf_config.hidden_size * torch.finfo(runtime.dtype).bits // 8
@@ -236,8 +192,7 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lmslim-spill-") as spill, atomic_dir(out) as tmp:
         writer = ShardWriter(tmp)
-        _load_outside_blocks(model, reader, path, runtime.dtype, runtime.device)
-        stream = BlockStream(reader, writer, path, runtime.device, runtime.dtype, max_activation_mb * 1e6, Path(spill))
+        stream = BlockStream(source, writer, max_activation_mb * 1e6, Path(spill))
         model.__dict__[STREAM_ATTR] = stream
         try:
             with torch.no_grad():
@@ -247,7 +202,8 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
         writer.write(module_tensors(model, ""))  # everything outside the blocks (they are on meta now)
         shards = writer.finish()
         fmt = _finish_config(model, tokenizer, tmp)
-        report["streaming"] = {"blocks": len(blocks), "max_block_mb": stream.peak_block_bytes / 1e6,
+        report["streaming"] = {"blocks": len(transformer_blocks(model)[1]),
+                               "max_block_mb": stream.peak_block_bytes / 1e6,
                                "max_activation_mb": max_activation_mb, "spilled_mb": stream.spilled_bytes / 1e6,
                                "shards": shards, "format": fmt, "seconds": time.perf_counter() - t0}
         if finalize is not None:

@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
+from torch import nn
 
 from lmslim.core.errors import UserError
 
@@ -39,6 +43,94 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 
+
+# ------------------------------------------------------------------ block inputs (shared by calibration and eval)
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class BlockInput:
+    hidden: torch.Tensor  # (B, T, D)
+    kwargs: dict[str, Any]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int
+                         ) -> list[BlockInput]:
+    """Run the model up to ``first_block`` for each calibration batch and keep what enters it."""
+    captured: list[BlockInput] = []
+
+    def hook(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(BlockInput(hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                model(input_ids=calib[i:i + batch_size], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+class ActivationStore:
+    """A block's calibration inputs: kept in memory up to ``limit_bytes``, written to ``folder`` beyond.
+
+    Only the hidden states (B, T, D) are spilled; the per-batch keyword arguments (rotary cos/sin,
+    masks, positions) are a fraction of them and stay in memory. Spilled tensors are written with
+    ``torch.save`` and read back with ``weights_only=True``, exactly (same bits).
+    """
+
+    def __init__(self, limit_bytes: float, folder: Path | None):
+        self.limit, self.folder = limit_bytes, folder
+        self.held = 0
+        self.spilled = 0
+        self._items: list[tuple[torch.Tensor | Path, dict[str, Any], torch.device]] = []
+        self._tag = uuid.uuid4().hex[:8]
+
+    def append(self, inp: BlockInput) -> None:
+        size = inp.hidden.numel() * inp.hidden.element_size()
+        if self.held + size <= self.limit or self.folder is None:
+            self.held += size
+            self._items.append((inp.hidden, inp.kwargs, inp.hidden.device))
+            return
+        path = self.folder / f"act-{self._tag}-{len(self._items)}.pt"
+        torch.save(inp.hidden.cpu(), path)
+        self.spilled += size
+        self._items.append((path, inp.kwargs, inp.hidden.device))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> BlockInput:
+        hidden, kwargs, device = self._items[i]
+        if isinstance(hidden, Path):
+            hidden = torch.load(hidden, weights_only=True).to(device)
+        return BlockInput(hidden, kwargs)
+
+    def __iter__(self) -> Iterator[BlockInput]:
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        for hidden, _, _ in self._items:
+            if isinstance(hidden, Path):
+                hidden.unlink(missing_ok=True)
+        self._items.clear()
+
+
+def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
+    out = block(inp.hidden, **inp.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+
+# ------------------------------------------------------------------ shards
 
 def _damaged(path: Path, e: Exception) -> UserError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -148,3 +240,113 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return n
+
+
+# ------------------------------------------------------------------ a model whose blocks stay on meta until used
+
+@dataclass
+class StreamedModel:
+    """A model built on meta with everything outside its blocks loaded; blocks are loaded one at a time.
+
+    ``quant`` holds the lmslim compressed-tensors record's modules (``{name: spec}``) for a quantized
+    folder (their tensors become ``QuantLinear`` modules when the block is loaded), empty otherwise.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    reader: ShardReader
+    path: str  # dotted path of the block list
+    dtype: torch.dtype
+    device: torch.device
+    quant: dict[str, dict]
+
+    def _state(self, tensors: dict[str, torch.Tensor], strip: str) -> dict[str, torch.Tensor]:
+        """Stored tensors -> module tensors: quantized modules become QuantLinear (set on the model)."""
+        from lmslim.core.targeting import set_submodule
+        from lmslim.modelio.formats.compressed_tensors import _to_quant_linear
+
+        per: dict[str, dict[str, torch.Tensor]] = {}
+        state = {}
+        for key, t in tensors.items():
+            owner, _, leaf = key.rpartition(".")
+            if owner in self.quant:
+                per.setdefault(owner, {})[leaf] = t
+            else:
+                state[key[len(strip):]] = t.to(self.dtype) if t.is_floating_point() else t
+        for name, t in per.items():
+            set_submodule(self.model, name, _to_quant_linear(name, self.quant[name], t, self.reader.folder))
+        return state
+
+    def load_block(self, index: int) -> nn.Module:
+        """Read block ``index`` from the shards into the model, on the device; returns the block."""
+        from lmslim.nn.blocks import transformer_blocks
+
+        prefix = f"{self.path}.{index}."
+        state = self._state(self.reader.load(prefix), prefix)
+        block = transformer_blocks(self.model)[1][index]
+        _, unexpected = block.load_state_dict(state, strict=False, assign=True)
+        missing = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        if missing or unexpected:
+            raise UserError(f"{self.reader.folder}: block {index}'s stored weights do not match the config "
+                            f"(missing {missing[:3]}, unexpected {sorted(unexpected)[:3]}); re-export the model")
+        return block.to(self.device)
+
+    def load_outside(self) -> None:
+        """Embedding, final norm, LM head and computed buffers: everything but the blocks."""
+        from lmslim.modelio.formats.meta_load import _compute_buffers
+
+        state = self._state(self.reader.load("", exclude=(self.path + ".",)), "")
+        _, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        _compute_buffers(self.model)
+        inside = self.path + "."
+        missing = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+                   if t.is_meta and not n.startswith(inside)]
+        if missing or unexpected:
+            raise UserError(f"{self.reader.folder}: stored weights do not match the config (missing {missing[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}); re-export the model")
+        for name, mod in self.model.named_modules():
+            if not name.startswith(inside) and name != self.path:
+                for t in [*mod._parameters.values(), *mod._buffers.values()]:
+                    if t is not None:
+                        t.data = t.data.to(self.device)
+
+
+def open_streamed(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  quantized_ok: bool = True) -> StreamedModel:
+    """A causal LM folder (plain transformers, or lmslim's compressed-tensors) with only its non-block parts loaded."""
+    import copy
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lmslim.modelio.formats import format_for_config
+    from lmslim.modelio.formats.meta_load import empty_model
+    from lmslim.modelio.load import auto_class
+    from lmslim.nn.blocks import transformer_blocks
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for the same user problem
+        raise UserError(f"{folder}: not a transformers model folder ({str(e).splitlines()[0][:200]})") from e
+    fmt = format_for_config(config)
+    quant: dict[str, dict] = {}
+    if fmt is not None:
+        record = getattr(config, "lmslim_quantization", None) or {}
+        if not quantized_ok or fmt.name != "compressed-tensors" or record.get("format") != 3:
+            raise UserError(f"{folder}: a {fmt.name} folder cannot be streamed"
+                            + (" (streaming reads full-precision transformers folders)" if not quantized_ok else
+                               "; streaming reads transformers folders and lmslim's compressed-tensors folders"))
+        quant = record["modules"]
+        config = copy.deepcopy(config)
+        del config.quantization_config  # the blocks get lmslim QuantLinear modules (as load_compressed does)
+        config.lmslim_quantization = {**record, "format": 2}
+    reader = ShardReader(folder)
+    model = empty_model(auto_class("clm"), config)
+    model.eval()
+    path, _ = transformer_blocks(model)
+    sm = StreamedModel(model, tokenizer, reader, path, dtype, torch.device(device), quant)
+    sm.load_outside()
+    return sm

@@ -137,14 +137,10 @@ class Runtime:
         Returns:
             True when the allocator was reconfigured.
         """
-        import ctypes
-        import platform
+        from lmslim.core.hostmem import glibc
 
-        if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-            return False
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
+        libc = glibc()
+        if libc is None:
             return False
         m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
         # 2**30 is far above any single training buffer here and within what mallopt accepts on 64-bit.

@@ -93,8 +93,18 @@ class QuantLinear(nn.Module):
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scheme: Scheme,
                    bias: torch.Tensor | None, kernel: str = "dequant") -> "QuantLinear":
         out, k = codes.shape
+        return cls.from_packed(pack(codes, scheme.bits), (out, k), scale, offset, scheme, bias, kernel)
+
+    @classmethod
+    def from_packed(cls, qweight: torch.Tensor, shape: tuple[int, int], scale: torch.Tensor, offset: torch.Tensor,
+                    scheme: Scheme, bias: torch.Tensor | None, kernel: str = "dequant") -> "QuantLinear":
+        """A layer from codes already packed as :func:`lmslim.nn.scheme.pack` lays them out (flat uint8)."""
+        out, k = shape
         mod = cls(k, out, scheme, bias is not None, kernel)
-        mod.qweight.copy_(pack(codes, scheme.bits))
+        if qweight.shape != mod.qweight.shape:
+            raise ValueError(f"packed codes hold {qweight.numel()} bytes; a {out}x{k} w{scheme.bits} layer needs "
+                             f"{mod.qweight.numel()}")
+        mod.qweight = qweight.to(torch.uint8).contiguous()
         mod.scale.copy_(scale.half())
         mod.offset.copy_(offset.half())
         if bias is not None:
@@ -126,9 +136,12 @@ class QuantLinear(nn.Module):
         else:
             self._unpacked = self.codes()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.prepare()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Only when this layer's codes or grid were loaded: a whole-model load_state_dict that fills
+        # other modules must not rebuild every layer's kernel state (a second prepacked copy per layer).
+        if any(prefix + k in state_dict for k in ("qweight", "scale", "offset")):
+            self.prepare()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int8":

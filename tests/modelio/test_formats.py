@@ -286,3 +286,30 @@ def test_format_order_does_not_depend_on_import_order():
             "print([f.name for f in registered_formats()][:4])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['compressed-tensors', 'lmslim-quantized', 'lmslim-shared', 'lmslim-sparse']"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [64, 40, 13])  # whole words, a padded last word, rows that end mid-byte
+def test_packed_words_read_as_lmslim_codes_without_unpacking(bits, k):
+    """compressed-tensors' own packer -> lmslim's packed codes, on the fast byte path and the fallback alike."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from lmslim.modelio.formats.compressed_tensors import _packed_codes
+    from lmslim.nn.scheme import pack
+
+    codes = torch.randint(0, 2 ** bits, (6, k), generator=torch.Generator().manual_seed(bits * k), dtype=torch.int16)
+    words = pack_to_int32((codes - 2 ** (bits - 1)).to(torch.int8), bits)
+    assert torch.equal(_packed_codes(words, bits, 6, k), pack(codes.to(torch.uint8), bits))
+
+
+def test_loading_does_not_rebuild_loaded_layers_kernels(tmp_path, monkeypatch):
+    """fill's load_state_dict must not re-prepare QuantLinear layers it does not load (a second kernel copy each)."""
+    model, tok = build_tiny("tiny-llama")
+    quantize_(model, DynamicInt8Config(kernel="fbgemm"))
+    _, folder = _save(model, tok, tmp_path)
+    calls = []
+    original = QuantLinear.prepare
+    monkeypatch.setattr(QuantLinear, "prepare", lambda self: (calls.append(self), original(self)))
+    loaded = load_model(str(folder)).model
+    quant = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(calls) == len(quant) and {id(m) for m in calls} == {id(m) for m in quant}

@@ -51,11 +51,12 @@ import torch
 from torch import nn
 
 from lmslim.core.errors import UserError
+from lmslim.core.hostmem import return_free_memory
 from lmslim.core.targeting import set_submodule
 from lmslim.modelio.formats import ModelFormat, register_format, save_config_and_tokenizer, unique_state_dict
-from lmslim.modelio.formats.meta_load import empty_model, fill, stored_tensors
+from lmslim.modelio.formats.meta_load import empty_model, fill, open_stored
 from lmslim.nn.quant_linear import QuantLinear
-from lmslim.nn.scheme import Scheme
+from lmslim.nn.scheme import Scheme, pack
 
 RECORD_FORMAT = 3  # lmslim_quantization format 3: tensors in the compressed-tensors layout
 
@@ -187,26 +188,24 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: Path) -> None:
 
 
 def _to_quant_linear(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor], folder: Path) -> QuantLinear:
-    _, unpack_from_int32 = _ct()
     scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
     out, k = spec["out"], spec["in"]
     packed_layout = scheme.symmetric  # see storage_format
     try:
         scale_ct = t["weight_scale"]
-        if packed_layout and scheme.bits == 8 and sys.byteorder == "little" and k % 4 == 0:
-            # 8-bit codes fill whole int32 words in order, stored offset by 128: on a little-endian
-            # host the words' bytes are lmslim's unsigned codes (unpack_from_int32 minus 128, without
-            # its 4-bytes-per-code temporaries)
-            q = t["weight_packed"].contiguous().view(torch.uint8).reshape(out, k).to(torch.int16) - scheme.half
-        elif packed_layout:
-            q = unpack_from_int32(t["weight_packed"], scheme.bits, torch.Size([out, k]))
+        if packed_layout:
+            words, shape = t["weight_packed"], [int(v) for v in t["weight_shape"]]
         else:
             q, zp = t["weight"], t["weight_zero_point"]
+            shape = list(q.shape)
     except KeyError as e:
         raise UserError(f"{folder}: {name}.{e.args[0]} is missing from the stored weights; re-export the model") from None
-    if tuple(q.shape) != (out, k) or (packed_layout and [int(v) for v in t["weight_shape"]] != [out, k]):
+    if shape != [out, k]:
         raise UserError(f"{folder}: {name} is stored with another shape than its record says; re-export the model")
-    codes = q.to(torch.int16) + scheme.half
+    if packed_layout:
+        qweight = _packed_codes(words, scheme.bits, out, k)
+    else:
+        qweight = pack((q.to(torch.int16) + scheme.half).to(torch.uint8), scheme.bits)
     g = scheme.group(k)
     step = 1 if g == k else g // math.gcd(g, k)
     scale = scale_ct[:, ::step].half()  # (out, G): every lmslim group's first repeated copy
@@ -215,8 +214,25 @@ def _to_quant_linear(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor]
     else:
         z = zp[:, ::step].float() + scheme.half
         offset = (-z * scale.float()).half()
-    bias = t.get("bias")
-    return QuantLinear.from_codes(codes.to(torch.uint8), scale, offset, scheme, bias, spec["kernel"])
+    return QuantLinear.from_packed(qweight, (out, k), scale, offset, scheme, t.get("bias"), spec["kernel"])
+
+
+def _packed_codes(words: torch.Tensor, bits: int, out: int, k: int) -> torch.Tensor:
+    """lmslim's packed codes (flat uint8, ``scheme.pack``'s layout) from compressed-tensors' int32 words (out, W).
+
+    compressed-tensors packs each row as a little-endian bit stream of ``q + 2^(b-1)``, which is
+    lmslim's unsigned code, padded to whole words; lmslim's ``pack`` is the same bit stream over all
+    rows. So on a little-endian host, when a row fills whole bytes, the words' bytes with each row's
+    padding cut are lmslim's packed codes: no unpacking, and no import of compressed-tensors (whose
+    import alone costs ~110 MB of memory) on load.
+    """
+    if sys.byteorder == "little" and (k * bits) % 8 == 0:
+        row_bytes = words.contiguous().view(torch.uint8).reshape(out, -1)  # (out, 4 * W)
+        if row_bytes.shape[1] >= k * bits // 8:
+            return row_bytes[:, : k * bits // 8].reshape(-1)
+    _, unpack_from_int32 = _ct()
+    q = unpack_from_int32(words, bits, torch.Size([out, k]))
+    return pack((q.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8), bits)
 
 
 def load_compressed(folder: Path, config: Any, auto_class: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -226,20 +242,22 @@ def load_compressed(folder: Path, config: Any, auto_class: Any, dtype: torch.dty
         raise UserError(f"{folder}: a compressed-tensors folder not written by lmslim; lmslim reads only its own "
                         "(load it with transformers, or quantize the original model with lmslim)")
     modules = record["modules"]
-    per_module: dict[str, dict[str, torch.Tensor]] = {n: {} for n in modules}
-    state = {}
-    for key, t in stored_tensors(folder):
-        owner, _, leaf = key.rpartition(".")
-        if owner in per_module:
-            per_module[owner][leaf] = t
-        else:
-            state[key] = t
     config = copy.deepcopy(config)
     del config.quantization_config  # the in-memory model is lmslim's QuantLinear one, not compressed-tensors'
     config.lmslim_quantization = {**record, "format": 2}  # the record of a model in memory (see compress.quantize)
     model = empty_model(auto_class, config)
-    for name, spec in modules.items():
-        set_submodule(model, name, _to_quant_linear(name, spec, per_module.pop(name), folder))
+    with open_stored(folder) as stored:
+        leaves: dict[str, list[str]] = {n: [] for n in modules}
+        state_keys = []
+        for key in stored.names():
+            owner, _, leaf = key.rpartition(".")
+            (leaves[owner].append(leaf) if owner in leaves else state_keys.append(key))
+        for name, spec in modules.items():  # one module's stored tensors in memory at a time
+            tensors = {leaf: stored.read(f"{name}.{leaf}") for leaf in leaves[name]}
+            set_submodule(model, name, _to_quant_linear(name, spec, tensors, folder))
+            del tensors
+            return_free_memory()  # the layer's temporaries, not kept between the layers that stay
+        state = {k: stored.read(k) for k in state_keys}
     return fill(model, state, folder, dtype=dtype)
 
 

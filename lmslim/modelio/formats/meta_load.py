@@ -4,7 +4,8 @@ Every lmslim format loader goes through three steps:
 
 1. :func:`empty_model`: the architecture from its config on the ``meta`` device (no memory), so a
    loader can swap in quantized or reshaped modules before any weight exists;
-2. :func:`stored_tensors`: the folder's safetensors files, read one tensor at a time (memory-mapped);
+2. :func:`stored_tensors` / :func:`open_stored`: the folder's safetensors files, read one tensor at a
+   time (memory-mapped), so a loader can hold one module's stored tensors at a time;
 3. :func:`fill`: the stored tensors become the model's tensors (``assign``, no copy into a second,
    randomly initialised model); ties are restored, non-persistent buffers (rotary frequencies,
    position ids) are computed by transformers' own initialisation, and any parameter the files do
@@ -24,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -44,15 +46,43 @@ def empty_model(auto_class: Any, config: Any, edit: Callable[[nn.Module], None] 
 
 def stored_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor in the folder's ``*.safetensors`` files, one at a time."""
+    with open_stored(folder) as stored:
+        for name in stored.names():
+            yield name, stored.read(name)
+
+
+class StoredTensors:
+    """The tensors of a folder's safetensors files by name, each read only when asked for.
+
+    A loader that turns stored tensors into other modules (packed codes into ``QuantLinear``) reads
+    one module's tensors, builds the module and drops them, so the file is never held whole in memory
+    beside the model being built.
+    """
+
+    def __init__(self, handles: dict[str, Any]):
+        self._where = handles  # tensor name -> open safe_open handle
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+
+@contextlib.contextmanager
+def open_stored(folder: Path) -> Iterator[StoredTensors]:
+    """Open every ``*.safetensors`` file of ``folder`` (memory-mapped) for the duration of a load."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no .safetensors weights found; re-export the model")
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            where.update(dict.fromkeys(handle.keys(), handle))
+        yield StoredTensors(where)
 
 
 def fill(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *, dtype: torch.dtype = torch.float32,

@@ -51,6 +51,9 @@ def eval_cmd(
     engine: str = typer.Option("torch", "--engine", help="torch | llama.cpp | onnxruntime: llama.cpp runs a "
                                ".gguf file as it is (torch loads it dequantized into PyTorch); onnxruntime runs "
                                "an ONNX export folder."),
+    stream: bool = typer.Option(False, "--stream", help="clm: never load the whole model; run every window "
+                                "through one block at a time (a local safetensors folder; same perplexity)."),
+    max_activation_mb: Optional[float] = MaxActivationOpt,
 ) -> None:
     """Measure quality: perplexity (clm), accuracy/F1 (seq-cls), entity F1 (token-cls), similarity (embed)."""
     from lmslim.modelio import TASKS, load_model
@@ -73,8 +76,12 @@ def eval_cmd(
 
         return eval_in_engine(engine, model, data, task, window, stride, max_tokens, json_out, threads, text_column,
                               label_column)
+    if (stream or max_activation_mb is not None) and (task != "clm" or engine != "torch" or not stream):
+        raise UserError("--stream measures perplexity (task clm, engine torch); --max-activation-mb needs --stream")
     rt = Runtime.create(device=device, threads=threads)
     ds = load_data(data, task=task, text_column=text_column, label_column=label_column)
+    if stream:
+        return _eval_streaming(model, data, ds, window, stride, max_tokens, max_activation_mb, rt, json_out)
     lm = load_model(model, task=task, dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
     if task == "clm":
         metrics = ev.perplexity(lm.model, lm.tokenizer, ds.documents, window=window, stride=stride,
@@ -103,6 +110,31 @@ def eval_cmd(
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(table)
+    write_json(json_out, result)
+
+
+def _eval_streaming(model: str, data: str, ds, window: int, stride: int, max_tokens: Optional[int],
+                    max_activation_mb: Optional[float], rt, json_out: Optional[Path]) -> None:
+    """``lmslim eval --stream``: perplexity with one block in memory (lmslim.measure.stream_eval)."""
+    from types import SimpleNamespace
+
+    from lmslim.measure.engines import engine_info
+    from lmslim.measure.meta import envelope
+    from lmslim.measure.stream_eval import stream_perplexity
+    from lmslim.modelio import resolve
+
+    resolved = resolve(model)
+    if resolved.path is None or not Path(resolved.path).is_dir():
+        raise UserError(f"--stream reads a local model folder of safetensors files; {model} is not one")
+    extra = {} if max_activation_mb is None else {"max_activation_mb": max_activation_mb}
+    metrics = stream_perplexity(resolved.path, ds.documents, window=window, stride=stride, max_tokens=max_tokens,
+                                device=rt.device, **extra)
+    result = envelope("eval", SimpleNamespace(resolved=resolved, model=None), rt.device)
+    result["model"]["architecture"] = metrics["streaming"]["architecture"]
+    result.update({"engine": engine_info("torch"), "task": "clm",
+                   "data": {"spec": data, "examples": len(ds), "tokens": metrics["tokens_scored"]}, **metrics})
+    out.print(f"perplexity {metrics['perplexity']:.4f} over {metrics['tokens_scored']} tokens "
+              f"(streamed: {metrics['streaming']['blocks']} blocks, one in memory at a time)")
     write_json(json_out, result)
 
 

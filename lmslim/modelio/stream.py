@@ -263,7 +263,6 @@ class StreamedModel:
     def _state(self, tensors: dict[str, torch.Tensor], strip: str) -> dict[str, torch.Tensor]:
         """Stored tensors -> module tensors: quantized modules become QuantLinear (set on the model)."""
         from lmslim.core.targeting import set_submodule
-        from lmslim.modelio.formats.compressed_tensors import _to_quant_linear
 
         per: dict[str, dict[str, torch.Tensor]] = {}
         state = {}
@@ -274,7 +273,7 @@ class StreamedModel:
             else:
                 state[key[len(strip):]] = t.to(self.dtype) if t.is_floating_point() else t
         for name, t in per.items():
-            set_submodule(self.model, name, _to_quant_linear(name, self.quant[name], t, self.reader.folder))
+            set_submodule(self.model, name, _quant_linear(name, self.quant[name], t, self.reader.folder))
         return state
 
     def load_block(self, index: int) -> nn.Module:
@@ -313,6 +312,17 @@ class StreamedModel:
                         t.data = t.data.to(self.device)
 
 
+def _quant_linear(name: str, spec: dict, tensors: dict[str, torch.Tensor], folder: Path) -> nn.Module:
+    """One stored compressed-tensors module as lmslim's QuantLinear (the format module's own reader)."""
+    from lmslim.modelio.formats import compressed_tensors as ct
+    from lmslim.nn.quant_linear import QuantLinear
+
+    if hasattr(ct, "_grid_of"):
+        grid = ct._grid_of(name, spec, tensors, folder)
+        return QuantLinear.from_packed(**grid, bias=tensors.get("bias"), kernel=spec["kernel"])
+    return ct._to_quant_linear(name, spec, tensors, folder)  # the format module before packed grids
+
+
 def open_streamed(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                   quantized_ok: bool = True) -> StreamedModel:
     """A causal LM folder (plain transformers, or lmslim's compressed-tensors) with only its non-block parts loaded."""
@@ -339,6 +349,8 @@ def open_streamed(folder: str | Path, *, dtype: torch.dtype = torch.float32, dev
             raise UserError(f"{folder}: a {fmt.name} folder cannot be streamed"
                             + (" (streaming reads full-precision transformers folders)" if not quantized_ok else
                                "; streaming reads transformers folders and lmslim's compressed-tensors folders"))
+        if record.get("embeddings"):
+            raise UserError(f"{folder}: quantized embeddings cannot be streamed yet; evaluate it without --stream")
         quant = record["modules"]
         config = copy.deepcopy(config)
         del config.quantization_config  # the blocks get lmslim QuantLinear modules (as load_compressed does)

@@ -1,18 +1,35 @@
-"""``lmslim eval`` / ``lmslim bench`` in a deployment engine (``--engine llama.cpp``): the file as it ships.
+"""``lmslim eval`` / ``lmslim bench`` in a deployment engine: the exported model as it ships.
 
-The torch path stays in ``main.py``; these run a ``.gguf`` in llama.cpp and write results with the
-same fields plus ``engine`` (name, version).
+``--engine llama.cpp`` runs a ``.gguf`` file, ``--engine onnxruntime`` an ONNX export folder. The
+torch path stays in ``main.py``; these write results with the same fields plus ``engine`` (name,
+version).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from rich.table import Table
 
 from lmslim.cli.common import out, write_json
 from lmslim.core.errors import UserError
+
+
+def _engine(engine: str) -> SimpleNamespace:
+    """The engine's measuring functions: require, perplexity, bench, envelope, and the settings' dtype."""
+    if engine == "llama.cpp":
+        from lmslim.measure.engines import llama_cpp as m
+
+        return SimpleNamespace(require=m.require_llama_cpp, perplexity=m.perplexity_gguf, bench=m.bench_gguf,
+                               envelope=m.envelope_gguf, dtype="gguf")
+    if engine == "onnxruntime":
+        from lmslim.measure.engines import onnxruntime as m
+
+        return SimpleNamespace(require=m.require_onnxruntime, perplexity=m.perplexity_onnx, bench=m.bench_onnx,
+                               envelope=m.envelope_onnx, dtype="onnx")
+    raise UserError(f"unknown deployment engine {engine!r}")
 
 
 def _table(title: str, metrics: dict, fmt: str) -> Table:
@@ -37,16 +54,16 @@ def eval_in_engine(engine: str, model: str, data: str, task: str, window: int, s
                    max_tokens: Optional[int], json_out: Optional[Path], threads: Optional[int],
                    text_column: Optional[str], label_column: Optional[str]) -> None:
     from lmslim.data.spec import load_data
-    from lmslim.measure.engines.llama_cpp import envelope_gguf, perplexity_gguf, require_llama_cpp
 
     if task != "clm":
         raise UserError(f"--engine {engine} measures perplexity (--task clm), not {task}")
-    require_llama_cpp()
+    api = _engine(engine)
+    api.require()
     n = _threads(threads)
     ds = load_data(data, task=task, text_column=text_column, label_column=label_column)
     path = Path(model).expanduser()
-    metrics = perplexity_gguf(path, ds.documents, window=window, stride=stride, max_tokens=max_tokens, threads=n)
-    result = envelope_gguf("eval", model, path, n)
+    metrics = api.perplexity(path, ds.documents, window=window, stride=stride, max_tokens=max_tokens, threads=n)
+    result = api.envelope("eval", model, path, n)
     result["task"] = task
     result["data"] = {"spec": data, "examples": len(ds), "tokens": metrics["tokens_scored"]}
     result.update(metrics)
@@ -55,17 +72,16 @@ def eval_in_engine(engine: str, model: str, data: str, task: str, window: int, s
 
 
 def bench_in_engine(engine: str, model: str, cfg, task: str, json_out: Optional[Path], threads: Optional[int]) -> None:
-    from lmslim.measure.engines.llama_cpp import bench_gguf, envelope_gguf
-
     if task not in ("auto", "clm"):
         raise UserError(f"--engine {engine} benches causal LMs (--task clm), not {task}")
+    api = _engine(engine)
     n = _threads(threads)
     path = Path(model).expanduser()
-    metrics = bench_gguf(path, cfg, n)
-    result = envelope_gguf("bench", model, path, n)
+    metrics = api.bench(path, cfg, n)
+    result = api.envelope("bench", model, path, n)
     result["task"] = "clm"
     result["settings"] = {"batch": cfg.batch, "prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len,
-                          "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": n, "dtype": "gguf"}
+                          "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": n, "dtype": api.dtype}
     result.update(metrics)
     out.print(_table(f"bench {model} ({engine}, {n} threads)", metrics, "{:,.2f}"))
     for note in metrics["notes"]:

@@ -1,4 +1,4 @@
-"""``lmslim export``: write a model as one file another engine runs (GGUF for llama.cpp).
+"""``lmslim export``: write a model as a file or folder another engine runs (GGUF for llama.cpp, ONNX).
 
 Float weights going to a block type are rounded on that type's own grid with the chosen method
 (RTN, or GPTQ calibrated on ``--calib``); a model lmslim already quantized on the type's grid is
@@ -29,9 +29,13 @@ def _tensor_types(items: list[str]) -> tuple[tuple[str, str], ...]:
 @app.command("export")
 def export_cmd(
     model: str = typer.Argument(..., help="Model spec: folder, .gguf, builtin:<name> or hub id."),
-    out_file: Path = typer.Option(..., "--out", help="Output file (e.g. model.gguf); must not exist unless --overwrite."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)."),
-    type_: str = typer.Option("f16", "--type", help="Weight type of the matrices: f32, f16, q8_0, q4_0, q4_1."),
+    out_file: Path = typer.Option(..., "--out", help="Output file (e.g. model.gguf) or, for onnx, folder; must not "
+                                  "exist unless --overwrite (files only)."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp) | onnx (ONNX Runtime; a folder)."),
+    type_: Optional[str] = typer.Option(None, "--type", help="Weight type of the matrices: gguf f32, f16 (default), "
+                                        "q8_0, q4_0, q4_1; onnx f32 (default), int8, int4."),
+    group_size: int = typer.Option(128, "--group-size", help="onnx int8/int4: columns per scale for float weights."),
+    lm_head: bool = typer.Option(False, "--lm-head", help="onnx int8/int4: quantize the LM head too."),
     embed_type: Optional[str] = typer.Option(None, "--embed-type", help="Type of token_embd/output (default: q8_0 "
                                              "under a 4-bit type, else --type)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="GLOB=TYPE for GGUF tensor names, e.g. "
@@ -55,6 +59,10 @@ def export_cmd(
     from lmslim.modelio.export.gguf_blocks import BLOCK_TYPES, grid_of
 
     exporter = get_exporter(fmt)
+    if exporter.folder:
+        return _export_folder(model, out_file, fmt, type_, group_size, lm_head, method, overwrite, threads,
+                              trust_remote_code)
+    type_ = type_ or "f16"
     config = GGUFExportConfig(type=type_, embed_type=embed_type, tensor_types=_tensor_types(tensor_type),
                               clip_search=clip_search)
     if method not in ("rtn", "gptq"):
@@ -78,6 +86,35 @@ def export_cmd(
               f"({types}); {report['bytes'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s"
               + (f"; GPTQ on {calibrated} matrices" if calibrated else ""))
     out.print(f"wrote {out_file}")
+
+
+def _export_folder(model: str, out_dir: Path, fmt: str, type_: Optional[str], group_size: int, lm_head: bool,
+                   method: str, overwrite: bool, threads: Optional[int], trust_remote_code: bool) -> None:
+    """ONNX: a folder export; float matrices going to int8/int4 are rounded by RTN in the writer."""
+    import time
+
+    from lmslim.core.guard import check_output
+    from lmslim.core.runtime import Runtime
+    from lmslim.modelio import load_model
+    from lmslim.modelio.export import export_model
+    from lmslim.modelio.export.onnx import ONNXExportConfig
+
+    config = ONNXExportConfig(type=type_ or "f32", group_size=group_size, lm_head=lm_head)
+    if method != "rtn":
+        raise UserError(f"--format {fmt} rounds float weights with rtn; for {method}, quantize the model first "
+                        "(lmslim quantize) and export it: its codes are written as they are")
+    if out_dir.exists() or out_dir.is_symlink():
+        raise UserError(f"output {out_dir} already exists; choose a new --out (--overwrite replaces files, not an "
+                        "export folder)")
+    lock = check_output(out_dir, inputs=[model], folder=True, flag="--out")  # held while the folder is written
+    rt = Runtime.create(device="cpu", threads=threads)
+    lm = load_model(model, task="clm", dtype=rt.dtype, device=rt.device, trust_remote_code=trust_remote_code)
+    t0 = time.perf_counter()
+    report = export_model(lm.model, lm.tokenizer, fmt, out_dir, config)
+    out.print(f"{fmt} {config.type}: {report['nodes']} nodes, {report['matmul_nbits']} MatMulNBits matrices; "
+              f"{report['bytes'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
+    out.print(f"wrote {out_dir}")
+    del lock
 
 
 def _gptq_on_grid(lm, config, names: dict[str, str], scheme, calib: str, samples: int, seq_len: int) -> int:

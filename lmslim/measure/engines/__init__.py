@@ -1,8 +1,10 @@
 """Engines a model can be measured in: PyTorch (lmslim's own modules) or the engine users deploy.
 
 ``torch`` loads any model spec into PyTorch (a ``.gguf`` is dequantized first). ``llama.cpp`` runs a
-``.gguf`` file as it is, in llama.cpp (``llama_cpp.py``), over the same perplexity windows and with
-the same bench fields, so results compare across engines. Each result names its engine.
+``.gguf`` file as it is, in llama.cpp (``llama_cpp.py``); ``onnxruntime`` runs an ONNX export
+folder (``lmslim export --format onnx``) in ONNX Runtime (``onnxruntime.py``). Both use the same
+perplexity windows and bench fields as the torch path, so results compare across engines. Each
+result names its engine.
 
 Example:
     >>> from lmslim.measure.engines import check_engine
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from lmslim.core.errors import UserError
 
-ENGINES = ("torch", "llama.cpp")
+ENGINES = ("torch", "llama.cpp", "onnxruntime")
 
 
 def check_engine(engine: str, model: str) -> str:
@@ -30,6 +32,12 @@ def check_engine(engine: str, model: str) -> str:
                             "`lmslim export MODEL --format gguf --out FILE.gguf`)")
         if not path.is_file():
             raise UserError(f"model path {model} does not exist")
+    if engine == "onnxruntime":
+        from lmslim.modelio.export.onnx import is_onnx_export
+
+        if not is_onnx_export(Path(model).expanduser()):
+            raise UserError(f"--engine onnxruntime runs an ONNX export folder; {model} is not one (make one with "
+                            "`lmslim export MODEL --format onnx --out DIR`)")
     return engine
 
 
@@ -39,6 +47,10 @@ def engine_info(engine: str) -> dict[str, str]:
         from lmslim.measure.engines.llama_cpp import engine_info as info
 
         return info()
+    if engine == "onnxruntime":
+        from lmslim.measure.engines.onnxruntime import engine_info as ort_info
+
+        return ort_info()
     import torch
 
     return {"name": "torch", "version": torch.__version__}

@@ -1,9 +1,10 @@
-"""Exporters: writing a model as a single file another engine runs (llama.cpp's GGUF today).
+"""Exporters: writing a model as a file (llama.cpp's GGUF) or folder (ONNX) another engine runs.
 
 An exporter registers its name, the file suffix it writes, the weight types it offers and one
 function ``write(model, tokenizer, path, options) -> report`` that fills ``path`` (a temporary file
-in the output's folder). :func:`export_model` runs it and publishes the file atomically, so the
-output is either complete or absent, and the input model is only read.
+in the output's folder, or an empty temporary folder when ``folder`` is set). :func:`export_model`
+runs it and publishes the result atomically, so the output is either complete or absent, and the
+input model is only read.
 
 Example:
     >>> from lmslim.modelio.export import exporter_names
@@ -30,6 +31,7 @@ class Exporter:
     suffix: str
     types: tuple[str, ...]
     write: Callable[[Any, Any, Path, Any], dict]
+    folder: bool = False  # the output is a folder (built in a temporary sibling, then renamed)
 
 
 _EXPORTERS: dict[str, Exporter] = {}
@@ -44,7 +46,7 @@ def register_exporter(exp: Exporter) -> Exporter:
 
 def _ensure_builtin() -> None:
     # Imported on first use so the format modules can import this package.
-    from lmslim.modelio.export import gguf  # noqa: F401
+    from lmslim.modelio.export import gguf, onnx  # noqa: F401
 
 
 def exporter_names() -> tuple[str, ...]:
@@ -67,6 +69,13 @@ def export_model(model, tokenizer, fmt: str, path: Path, options: Any) -> dict:
     """
     exp = get_exporter(fmt)
     path = Path(path)
+    if exp.folder:
+        from lmslim.core.io import atomic_dir
+
+        if path.exists() or path.is_symlink():
+            raise UserError(f"output {path} already exists; choose a new path")
+        with atomic_dir(path) as tmp:
+            return exp.write(model, tokenizer, tmp, options)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         os.close(fd)

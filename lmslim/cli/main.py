@@ -233,6 +233,9 @@ def quantize(
                                              "(default 8)."),
     include_lm_head: Optional[bool] = typer.Option(None, "--include-lm-head/--no-include-lm-head",
                                                    help="Quantize the LM head too (default off)."),
+    include_embeddings: Optional[bool] = typer.Option(None, "--include-embeddings/--no-include-embeddings",
+                                                      help="Quantize the input embedding table too (RTN on the "
+                                                      "method's grid; a tied LM head shares its codes)."),
     targets: list[str] = typer.Option([], "--targets", "--target", help="Module-name glob to quantize (repeatable; "
                                       "re: for regex; default every linear)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Module-name glob to keep in full precision (repeatable)."),

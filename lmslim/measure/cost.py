@@ -113,7 +113,11 @@ def shape_of(model: nn.Module) -> ModelShape:
     # when the model was pruned before it was quantized (``lmslim_pruning`` provenance).
     nonzero += sum(p["params"] for p in profiles)
     if getattr(cfg, "lmslim_pruning", None):
-        nonzero -= sum(_zero_bin(m) for m in model.modules() if hasattr(m, "cost_profile"))
+        # (matmul layers only: pruning leaves embedding tables dense, and a tied table is its head's codes)
+        from lmslim.nn.quant_embedding import QuantEmbedding
+
+        nonzero -= sum(_zero_bin(m) for m in model.modules()
+                       if hasattr(m, "cost_profile") and not isinstance(m, QuantEmbedding))
     weight_bytes += sum(p["weight_bytes"] for p in profiles)
     elem = next(model.parameters()).element_size()
     kv = 2 * n_layers * n_kv * head_dim * elem

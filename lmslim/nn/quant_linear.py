@@ -61,7 +61,38 @@ def fbgemm_saturates() -> bool:
     return not torch.allclose(y, torch.full_like(y, 63.0), rtol=1e-3)
 
 
-class QuantLinear(nn.Module):
+class PackedCodes:
+    """What every module with packed integer weights shares: the (out, in) grid and its codes.
+
+    The owner registers ``qweight`` (flat uint8, ``scheme.pack``'s layout), ``scale`` and ``offset``
+    ((out, groups) fp16) as buffers and sets ``in_features``/``out_features``/``scheme``.
+    """
+
+    def _register_grid(self, in_features: int, out_features: int, scheme: Scheme) -> None:
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        n_groups = scheme.n_groups(in_features)
+        n_bytes = (in_features * out_features * scheme.bits + 7) // 8
+        self.register_buffer("qweight", torch.zeros(n_bytes, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=torch.float16))
+
+    def _set_grid(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        if qweight.shape != self.qweight.shape:
+            raise ValueError(f"packed codes hold {qweight.numel()} bytes; a {self.out_features}x{self.in_features} "
+                             f"w{self.scheme.bits} grid needs {self.qweight.numel()}")
+        self.qweight = qweight.to(torch.uint8).contiguous()
+        self.scale.copy_(scale.half())
+        self.offset.copy_(offset.half())
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.scheme.bits, (self.out_features, self.in_features))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 weight (out, in) that the codes stand for."""
+        return dequantize(self.codes(), self.scale, self.offset, self.scheme.group(self.in_features))
+
+
+class QuantLinear(PackedCodes, nn.Module):
     """A linear layer with integer weights: ``y = x @ dequant(W)^T + b``.
 
     Example:
@@ -79,12 +110,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; choose from {KERNELS}")
-        self.in_features, self.out_features, self.scheme, self.kernel = in_features, out_features, scheme, kernel
-        n_groups = scheme.n_groups(in_features)
-        n_bytes = (in_features * out_features * scheme.bits + 7) // 8
-        self.register_buffer("qweight", torch.zeros(n_bytes, dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
-        self.register_buffer("offset", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.kernel = kernel
+        self._register_grid(in_features, out_features, scheme)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._packed_int8 = None  # fbgemm prepacked weight, rebuilt from the codes, never saved
         self._reduce_range = False  # fbgemm: 7-bit activations (set by prepare where 8 bits overflow)
@@ -101,23 +128,11 @@ class QuantLinear(nn.Module):
         """A layer from codes already packed as :func:`lmslim.nn.scheme.pack` lays them out (flat uint8)."""
         out, k = shape
         mod = cls(k, out, scheme, bias is not None, kernel)
-        if qweight.shape != mod.qweight.shape:
-            raise ValueError(f"packed codes hold {qweight.numel()} bytes; a {out}x{k} w{scheme.bits} layer needs "
-                             f"{mod.qweight.numel()}")
-        mod.qweight = qweight.to(torch.uint8).contiguous()
-        mod.scale.copy_(scale.half())
-        mod.offset.copy_(offset.half())
+        mod._set_grid(qweight, scale, offset)
         if bias is not None:
             mod.bias.copy_(bias.float())
         mod.prepare()
         return mod
-
-    def codes(self) -> torch.Tensor:
-        return unpack(self.qweight, self.scheme.bits, (self.out_features, self.in_features))
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """fp32 weight (out, in) that the codes stand for."""
-        return dequantize(self.codes(), self.scale, self.offset, self.scheme.group(self.in_features))
 
     def prepare(self) -> None:
         """Build kernel-side state from the stored codes (after construction or loading)."""

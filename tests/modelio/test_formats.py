@@ -313,3 +313,54 @@ def test_loading_does_not_rebuild_loaded_layers_kernels(tmp_path, monkeypatch):
     loaded = load_model(str(folder)).model
     quant = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert len(calls) == len(quant) and {id(m) for m in calls} == {id(m) for m in quant}
+
+
+# ---- quantized embedding tables ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg,calibrated", [
+    (RTNConfig(bits=4, group_size=16, include_embeddings=True, kernel="dequant"), False),
+    (GPTQConfig(bits=4, group_size=16, include_embeddings=True, include_lm_head=True, kernel="dequant"), True),
+    (DynamicInt8Config(include_embeddings=True, kernel="fbgemm"), False),
+])
+def test_tied_quantized_embedding_is_stored_once_and_refuses_plain_transformers(tmp_path, cfg, calibrated):
+    from lmslim.nn.quant_embedding import QuantEmbedding
+
+    model, tok = build_tiny("tiny-llama")
+    assert model.config.tie_word_embeddings
+    quantize_(model, cfg, CALIB if calibrated else None)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(emb, QuantEmbedding) and head.qweight is emb.qweight
+    before = _logits(model)
+    fmt, folder = _save(model, tok, tmp_path)
+    assert fmt == "lmslim-quantized"
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("lm_head.")]  # the table once, under the embedding
+    lm = load_model(str(folder)).model
+    assert lm.get_output_embeddings().qweight is lm.get_input_embeddings().qweight
+    assert torch.equal(_logits(lm), before)
+    with pytest.raises(Exception, match="lmslim"):
+        _plain(folder)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_untied_quantized_embedding_loads_in_plain_transformers(tmp_path, symmetric):
+    from lmslim.compress.quantize.api import untie_lm_head
+
+    model, tok = build_tiny("tiny-llama")
+    untie_lm_head(model)
+    quantize_(model, RTNConfig(bits=4, group_size=16, symmetric=symmetric, include_embeddings=True,
+                               include_lm_head=True, kernel="dequant"))
+    before = _logits(model)
+    fmt, folder = _save(model, tok, tmp_path)
+    assert fmt == "compressed-tensors"
+    lm = load_model(str(folder)).model
+    assert torch.equal(_logits(lm), before)
+    plain = _plain(folder)
+    plain_logits = _logits(plain)
+    w_plain = plain.get_input_embeddings().weight.detach()
+    ours = lm.get_input_embeddings()
+    bound = 0 if symmetric else (ours.offset.float().abs().max() * 2.0 ** -11).item()
+    assert (w_plain - ours.dequantized_weight()).abs().max().item() <= bound
+    assert (plain_logits - before).abs().max().item() <= (0 if symmetric else ASYM_ATOL)

@@ -55,7 +55,8 @@ from lmslim.core.hostmem import return_free_memory
 from lmslim.core.targeting import set_submodule
 from lmslim.modelio.formats import ModelFormat, register_format, save_config_and_tokenizer, unique_state_dict
 from lmslim.modelio.formats.meta_load import empty_model, fill, open_stored
-from lmslim.nn.quant_linear import QuantLinear
+from lmslim.nn.quant_embedding import QuantEmbedding, retie_head, tied_heads
+from lmslim.nn.quant_linear import PackedCodes, QuantLinear
 from lmslim.nn.scheme import Scheme, pack
 
 RECORD_FORMAT = 3  # lmslim_quantization format 3: tensors in the compressed-tensors layout
@@ -90,15 +91,24 @@ def _original_types(model: nn.Module) -> dict[str, type]:
     return {n: type(m) for n, m in ref.named_modules()}
 
 
+def stored_grids(model: nn.Module) -> dict[str, PackedCodes]:
+    """The quantized modules whose tensors a folder stores: every one but an LM head tied to its embedding."""
+    heads = tied_heads(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedCodes) and n not in heads}
+
+
 def expressible(model: nn.Module) -> bool:
     """Whether every quantized layer of ``model`` has an exact compressed-tensors form."""
     if getattr(model.config, "lmslim_structure", None) or getattr(model.config, "lmslim_sharing", None):
         return False
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not quant:
+    quant = stored_grids(model)
+    if not quant or tied_heads(model):
+        # transformers (5.25) cannot tie an LM head to a compressed-tensors embedding (it looks for the
+        # table's .weight, or multiplies by its int8 codes): such a folder is lmslim's own (lmslim_quantized)
         return False
     types = _original_types(model)
-    return all(types.get(n) is nn.Linear and zero_points(m) is not None for n, m in quant.items())
+    original = {QuantLinear: nn.Linear, QuantEmbedding: nn.Embedding}
+    return all(types.get(n) is original[type(m)] and zero_points(m) is not None for n, m in quant.items())
 
 
 def _ct_group(mod: QuantLinear) -> int | None:
@@ -121,6 +131,8 @@ def storage_format(mod: QuantLinear) -> str:
     (a packed zero point fails with a shape mismatch; an unpacked one loads wrong numbers).
     ``int-quantized`` stores codes and zero points unpacked and loads exactly.
     """
+    if isinstance(mod, QuantEmbedding):  # transformers reads a packed embedding's missing .weight and fails
+        return "int-quantized"
     return "pack-quantized" if mod.scheme.symmetric else "int-quantized"
 
 
@@ -141,7 +153,8 @@ def _module_tensors(mod: QuantLinear) -> dict[str, torch.Tensor]:
         out["weight_shape"] = torch.tensor([mod.out_features, mod.in_features])
     else:
         out["weight"] = q.contiguous()
-        out["weight_zero_point"] = (spread(zero_points(mod)) - half).to(torch.int8)  # (out, n_ct)
+        if not mod.scheme.symmetric:
+            out["weight_zero_point"] = (spread(zero_points(mod)) - half).to(torch.int8)  # (out, n_ct)
     if mod.bias is not None:
         out["bias"] = mod.bias.detach().float().contiguous()
     return out
@@ -173,8 +186,9 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: Path) -> None:
 
     if not expressible(model):
         raise UserError("this quantized model has no exact compressed-tensors form; save it with save_model")
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    state = {k: v for k, v in unique_state_dict(model).items() if k.rpartition(".")[0] not in quant}
+    quant = stored_grids(model)
+    skip = set(quant) | tied_heads(model)
+    state = {k: v for k, v in unique_state_dict(model).items() if k.rpartition(".")[0] not in skip}
     for name, mod in quant.items():
         state.update({f"{name}.{k}": v for k, v in _module_tensors(mod).items()})
     save_config_and_tokenizer(model, tokenizer, folder)
@@ -187,16 +201,18 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _to_quant_linear(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor], folder: Path) -> QuantLinear:
+def _grid_of(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
+    """One stored module's grid in lmslim's layout: packed codes, (out, G) scale and offset, scheme."""
     scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
     out, k = spec["out"], spec["in"]
-    packed_layout = scheme.symmetric  # see storage_format
+    packed_layout = "weight_packed" in t  # see storage_format
     try:
         scale_ct = t["weight_scale"]
         if packed_layout:
             words, shape = t["weight_packed"], [int(v) for v in t["weight_shape"]]
         else:
-            q, zp = t["weight"], t["weight_zero_point"]
+            q = t["weight"]
+            zp = None if scheme.symmetric else t["weight_zero_point"]
             shape = list(q.shape)
     except KeyError as e:
         raise UserError(f"{folder}: {name}.{e.args[0]} is missing from the stored weights; re-export the model") from None
@@ -214,7 +230,7 @@ def _to_quant_linear(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor]
     else:
         z = zp[:, ::step].float() + scheme.half
         offset = (-z * scale.float()).half()
-    return QuantLinear.from_packed(qweight, (out, k), scale, offset, scheme, t.get("bias"), spec["kernel"])
+    return {"qweight": qweight, "shape": (out, k), "scale": scale, "offset": offset, "scheme": scheme}
 
 
 def _packed_codes(words: torch.Tensor, bits: int, out: int, k: int) -> torch.Tensor:
@@ -246,16 +262,23 @@ def load_compressed(folder: Path, config: Any, auto_class: Any, dtype: torch.dty
     del config.quantization_config  # the in-memory model is lmslim's QuantLinear one, not compressed-tensors'
     config.lmslim_quantization = {**record, "format": 2}  # the record of a model in memory (see compress.quantize)
     model = empty_model(auto_class, config)
+    embeddings = record.get("embeddings", {})
     with open_stored(folder) as stored:
-        leaves: dict[str, list[str]] = {n: [] for n in modules}
+        leaves: dict[str, list[str]] = {n: [] for n in [*modules, *embeddings]}
         state_keys = []
         for key in stored.names():
             owner, _, leaf = key.rpartition(".")
             (leaves[owner].append(leaf) if owner in leaves else state_keys.append(key))
-        for name, spec in modules.items():  # one module's stored tensors in memory at a time
+        for name, spec in [*modules.items(), *embeddings.items()]:  # one module's stored tensors at a time
             tensors = {leaf: stored.read(f"{name}.{leaf}") for leaf in leaves[name]}
-            set_submodule(model, name, _to_quant_linear(name, spec, tensors, folder))
-            del tensors
+            grid = _grid_of(name, spec, tensors, folder)
+            if name in modules:
+                mod = QuantLinear.from_packed(**grid, bias=tensors.get("bias"), kernel=spec["kernel"])
+            else:
+                mod = QuantEmbedding.from_packed(**grid, padding_idx=spec.get("padding_idx"))
+                retie_head(model, mod, spec)
+            set_submodule(model, name, mod)
+            del tensors, grid
             return_free_memory()  # the layer's temporaries, not kept between the layers that stay
         state = {k: stored.read(k) for k in state_keys}
     return fill(model, state, folder, dtype=dtype)

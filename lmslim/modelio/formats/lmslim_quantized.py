@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lmslim.nn.quant_embedding import QuantEmbedding, retie_head
 from lmslim.nn.quant_linear import QuantLinear
 from lmslim.nn.scheme import Scheme
 from lmslim.core.errors import UserError
@@ -67,12 +68,24 @@ def load_quantized(folder: Path, config, auto_class, dtype: torch.dtype = torch.
         if structure:
             apply_structure(model, structure)
         for name, spec in record["modules"].items():
-            scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
-            set_submodule(model, name, QuantLinear(spec["in"], spec["out"], scheme, spec["bias"], spec["kernel"]))
+            set_submodule(model, name, QuantLinear(spec["in"], spec["out"], _scheme(spec), spec["bias"], spec["kernel"]))
+        for name, spec in embeddings.items():
+            set_submodule(model, name, QuantEmbedding(spec["out"], spec["in"], _scheme(spec), spec.get("padding_idx")))
 
+    def retie(model) -> None:
+        if sharing:
+            apply_sharing(model, sharing)
+        for name, spec in embeddings.items():  # the tied head reads the loaded table's buffers
+            retie_head(model, model.get_submodule(name), spec)
+
+    embeddings = record.get("embeddings", {})
     model = empty_model(auto_class, config, swap)
     state = dict(stored_tensors(folder))
-    return fill(model, state, folder, dtype=dtype, retie=(lambda m: apply_sharing(m, sharing)) if sharing else None)
+    return fill(model, state, folder, dtype=dtype, retie=retie)
+
+
+def _scheme(spec: dict) -> Scheme:
+    return Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
 
 
 def _claims(model) -> bool:

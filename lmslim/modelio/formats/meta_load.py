@@ -101,8 +101,8 @@ def fill(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *, dtyp
         if t.is_floating_point() and _is_parameter(model, name):
             state[name] = t.to(dtype)
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(model.get_input_embeddings(), nn.Embedding):
+        model.tie_weights()  # (a quantized table and its head were tied when they were built)
     if retie is not None:
         retie(model)
     _compute_buffers(model)

@@ -76,6 +76,7 @@ def sequential(model: nn.Module, calib: torch.Tensor, target_names: set[str], ba
                 for inp in capture_block_inputs(model, blocks[0], calib[j:j + batch_size].to(stream.device),
                                                 batch_size):
                     inputs.append(inp)
+            stream.captured()  # the embedding's work is done: a stream may write and free it now
         for i, block in enumerate(blocks):
             prefix = f"{path}.{i}."
             if stream is not None:

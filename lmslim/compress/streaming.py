@@ -97,6 +97,8 @@ class BlockStream:
     writer: ShardWriter
     activation_bytes: float
     spill_dir: Path
+    free_outside: bool = False
+    outside_written: bool = False
     peak_block_bytes: int = 0
     spilled_bytes: int = 0
 
@@ -112,6 +114,27 @@ class BlockStream:
     def release(self, index: int, block: nn.Module) -> None:
         self.writer.write(module_tensors(block, f"{self.source.path}.{index}."))
         block.to("meta")
+
+    def captured(self) -> None:
+        """After the first block's inputs are captured: write and free what lies outside the blocks.
+
+        Only when the technique will not touch it (``free_outside``: no LM head among the targets),
+        so the embedding (often the largest tensor) is not held through the whole block loop.
+        """
+        if self.free_outside and not self.outside_written:
+            model, inside = self.source.model, self.source.path + "."
+            self.writer.write(module_tensors(model, ""))
+            self.outside_written = True
+            moved: dict[int, nn.Parameter] = {}  # shared (tied) parameters stay shared on meta
+            for name, mod in model.named_modules(remove_duplicate=False):
+                if name.startswith(inside) or name == self.source.path:
+                    continue
+                for key, p in mod._parameters.items():
+                    if p is not None and not p.is_meta:
+                        mod._parameters[key] = moved.setdefault(id(p), nn.Parameter(p.to("meta"), p.requires_grad))
+                for key, b in mod._buffers.items():
+                    if b is not None:
+                        mod._buffers[key] = b.to("meta")
 
     def store(self) -> ActivationStore:
         # a block's inputs and its outputs are alive together: each gets half the bound
@@ -192,14 +215,16 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lmslim-spill-") as spill, atomic_dir(out) as tmp:
         writer = ShardWriter(tmp)
-        stream = BlockStream(source, writer, max_activation_mb * 1e6, Path(spill))
+        stream = BlockStream(source, writer, max_activation_mb * 1e6, Path(spill),
+                             free_outside=not getattr(config, "include_lm_head", False))
         model.__dict__[STREAM_ATTR] = stream
         try:
             with torch.no_grad():
                 report = (quantize_ if stage == "quantize" else prune_)(model, config, calib)
         finally:
             del model.__dict__[STREAM_ATTR]
-        writer.write(module_tensors(model, ""))  # everything outside the blocks (they are on meta now)
+        if not stream.outside_written:
+            writer.write(module_tensors(model, ""))  # everything outside the blocks (they are on meta now)
         shards = writer.finish()
         fmt = _finish_config(model, tokenizer, tmp)
         report["streaming"] = {"blocks": len(transformer_blocks(model)[1]),

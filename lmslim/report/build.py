@@ -132,6 +132,8 @@ def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "flops_per_token", "train_flops_per_token", "fraction_of_bound", "bytes_read_per_token"):
                 row[key] = be.get(key)
             row["machine"] = (be.get("machine") or ev.get("machine") or {}).get("cpu")
+            # The engine is part of the variant: the same weights run at another speed in another engine.
+            row["engine"] = (be.get("engine") or ev.get("engine") or {}).get("name", "torch")
             if be.get("quantization") and not be.get("pruning") and row.get("params") is not None:
                 # Zeros in a quantized, unpruned model are weights rounded to the grid's 0.0, not removed
                 # weights (runs measured before lmslim.measure.cost excluded them still carry them).
@@ -233,9 +235,10 @@ def pareto_png(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None)
         key, label, higher = metric
         pts = [r for r in rows if r.get(key) is not None and r.get("decode_tokens_per_s")]
         max_size = max((r.get("size_mb") or 1) for r in pts) if pts else 1
+        engines = list(dict.fromkeys(r.get("engine", "torch") for r in pts))
         for r in pts:
             area = 60 + 1400 * (r.get("size_mb") or 0) / max_size
-            ax.scatter(r["decode_tokens_per_s"], r[key], s=area, alpha=0.55,
+            ax.scatter(r["decode_tokens_per_s"], r[key], s=area, alpha=0.55, marker=engine_marker(r.get("engine")),
                        color="tab:red" if r["pareto"] else "tab:blue", edgecolors="black", linewidths=0.6)
             ax.annotate(r["name"], (r["decode_tokens_per_s"], r[key]), fontsize=7, xytext=(6, 4),
                         textcoords="offset points")
@@ -243,6 +246,9 @@ def pareto_png(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None)
         if len(front) > 1:
             ax.plot([r["decode_tokens_per_s"] for r in front], [r[key] for r in front], color="tab:red", lw=1.2,
                     label="Pareto front")
+        for e in engines if len(engines) > 1 else []:  # marker shape = engine (legend only when there are several)
+            ax.scatter([], [], marker=engine_marker(e), color="white", edgecolors="black", label=f"engine: {e}")
+        if len(front) > 1 or len(engines) > 1:
             ax.legend(loc="best", fontsize=8)
         ax.set_xlabel("decode tokens/s (higher is better)")
         ax.set_ylabel(f"{label} ({'higher' if higher else 'lower'} is better)")
@@ -255,6 +261,13 @@ def pareto_png(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None)
     return buf.getvalue()
 
 
+ENGINE_MARKERS = {"torch": "o", "llama.cpp": "s", "onnxruntime": "^"}
+
+
+def engine_marker(engine: str | None) -> str:
+    return ENGINE_MARKERS.get(engine or "torch", "D")
+
+
 def _fmt(v: Any, spec: str) -> str:
     if v is None:
         return "–"
@@ -265,13 +278,13 @@ def _fmt(v: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None) -> tuple[list[str], list[list[str]]]:
     qlabel = metric[1] if metric else "quality"
-    head = ["variant", qlabel, "Δ quality", "decode tok/s", "decode ×", "prefill ms", "prefill ×", "size MB",
+    head = ["variant", "engine", qlabel, "Δ quality", "decode tok/s", "decode ×", "prefill ms", "prefill ×", "size MB",
             "size ×", "params", "non-zeros", "p (pruned)", "α (bytes/fp32)", "GFLOPs/token", "C train GFLOPs/token",
             "frac. of bound", "Pareto", "verdict"]
     body = []
     for r in rows:
         body.append([
-            r["name"], _fmt(r.get(metric[0]) if metric else None, ".4g"),
+            r["name"], r.get("engine", "torch"), _fmt(r.get(metric[0]) if metric else None, ".4g"),
             _fmt(r.get("quality_delta_pct"), "+.1f") + ("%" if r.get("quality_delta_pct") is not None else ""),
             _fmt(r.get("decode_tokens_per_s"), ".1f"), _fmt(r.get("decode_x"), ".2f"),
             _fmt(r.get("prefill_ms_p50"), ".1f"), _fmt(r.get("prefill_x"), ".2f"), _fmt(r.get("size_mb"), ".1f"),

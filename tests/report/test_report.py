@@ -46,6 +46,19 @@ def test_rows_ratios_pareto_and_verdicts(runs):
     assert by["bad"]["verdict"].startswith("slower on this device")
 
 
+def test_engine_is_part_of_each_variant(tmp_path):
+    base = variant("baseline", None, 20.0, 10.0, 500, sha="B")
+    gguf = variant("q4_0 gguf", "export", 21.0, 40.0, 90)
+    gguf["bench"]["engine"] = gguf["eval"]["engine"] = {"name": "llama.cpp", "version": "0.3.36"}
+    run = make_run(tmp_path / "a", "gguf", [base, gguf])
+    rows = collect(load_runs([run]))
+    assert [r["engine"] for r in rows] == ["torch", "llama.cpp"]  # a result without the field is PyTorch's
+    assert rows[1]["decode_x"] == pytest.approx(4.0) and rows[1]["pareto"]
+    out = tmp_path / "rep"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    assert "| q4_0 gguf | llama.cpp |" in (out / "report.md").read_text()
+
+
 def test_verdict_thresholds():
     assert verdict(1.09, False).startswith("no real speedup")
     assert verdict(1.10, False).startswith("faster")

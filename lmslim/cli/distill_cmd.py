@@ -204,7 +204,11 @@ def distill(
             raise UserError("--max-steps 0 (--untrained) only saves the initialised student; drop --nproc")
         from lmslim.cli.launch import launch
 
-        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads)
+        # The plan is checked here, before any worker starts (degrees, the student's shape, what pp refuses).
+        dims = _student_dims(teacher, student, student_layers, student_config, anchor)
+        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads,
+               stage.train.distributed, student, train=stage.train, dims=dims, objective="distillation",
+               evaluates=eval_data is not None)
         return
     with remove_unfinished_start(out_dir):
         summary = _run_distill_stage(recipe, stage, out_dir, resume=resume, resume_changes=resume_changes,
@@ -212,6 +216,28 @@ def distill(
                                      trust_remote_code=trust_remote_code)
     _print_summary(summary)
     out.print(f"wrote {out_dir}")
+
+
+def _student_dims(teacher: str, student: Optional[str], student_layers: Optional[str],
+                  student_config: Optional[Path], anchor: Optional[str]) -> Optional[dict]:
+    """The student's ``config.json`` numbers for the plan check, read without loading weights (None: unknown)."""
+    from lmslim.train.parallel import model_dims
+
+    if student is not None:
+        return model_dims(student)
+    dims = model_dims(teacher)
+    if dims is None:
+        return None
+    dims = dict(dims)
+    if student_config is not None:
+        from lmslim.compress.distill.student import read_config_file
+
+        dims.update(read_config_file(Path(student_config)))
+    elif student_layers is not None and "num_hidden_layers" in dims:
+        from lmslim.compress.distill.student import parse_layers
+
+        dims["num_hidden_layers"] = len(parse_layers(str(student_layers), dims["num_hidden_layers"], anchor or "first"))
+    return dims
 
 
 def _run_distill_stage(recipe, stage, out_dir: Path, *, resume: bool, resume_changes: Optional[str], clear: bool,

@@ -101,12 +101,14 @@ def torchrun_args(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int =
 
 def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
            master_port: Optional[int] = None, threads: Optional[int] = None, distributed: Any = None,
-           model: Optional[str] = None) -> None:
+           model: Optional[str] = None, **plan: Any) -> None:
     """Run ``lmslim <argv>`` as ``nproc`` workers on this node; returns when all of them finished.
 
     Args:
         distributed: the run's :class:`~lmslim.train.config.DistributedConfig`; its parallel plan (tp, pp)
             is checked against the world size and ``model``'s shape before any worker starts.
+        plan: more for that check (:func:`lmslim.train.parallel.check_plan`): ``train`` (the TrainConfig),
+            ``dims`` (the model's shape when ``model`` does not give it), ``objective``, ``evaluates``.
 
     Raises:
         UserError: bad launcher options, a busy port or a plan that cannot work (before anything starts).
@@ -116,7 +118,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, mas
     if distributed is not None:
         from lmslim.train.parallel import check_plan
 
-        check_plan(distributed, model, nproc * nnodes)
+        check_plan(distributed, model, nproc * nnodes, **plan)
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
         # Split the cores between the workers instead of oversubscribing them (torchrun would pick 1).
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))

@@ -131,7 +131,8 @@ def train(
     if nproc is not None:
         from lmslim.cli.launch import launch
 
-        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads, cfg.distributed, model)
+        launch(ctx.obj["argv"], nproc, nnodes, node_rank, master_addr, master_port, threads, cfg.distributed, model,
+               train=cfg, evaluates=eval_data is not None)
         return
     from lmslim.modelio import resolve
     from lmslim.train import distributed

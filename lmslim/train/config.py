@@ -290,8 +290,6 @@ class DistributedConfig:
         _need(self.comm_hook == "none" or self.tp * self.pp == 1,
               "distributed.comm_hook compresses DDP's gradient all-reduce; it cannot be combined with distributed.tp "
               "or distributed.pp (set distributed.comm_hook=none)")
-        _need(self.pp == 1 or self.tp == 1, "distributed.pp > 1 cannot be combined with distributed.tp > 1 yet; "
-              "use one of them")
         _need(self.comm_hook == "none" or self.strategy == "ddp",
               "distributed.comm_hook needs distributed.strategy=ddp (FSDP reduce-scatters its own shards)")
         _need(self.powersgd_rank >= 1, f"distributed.powersgd_rank must be >= 1, got {self.powersgd_rank}")
@@ -321,9 +319,10 @@ class DistributedConfig:
         _need(world_size % mp == 0, f"distributed.tp={self.tp} x distributed.pp={self.pp} = {mp} does not divide "
               f"the {world_size} process(es); use --nproc {mp} (or a multiple of it)")
         dp = world_size // mp
-        _need(self.pp == 1 or dp == 1, f"distributed.pp={self.pp} with {dp} data-parallel copies is not supported "
-              f"yet; use --nproc {self.pp}")
-        _need(dp == 1 or self.tp == 1 or self.strategy == "fsdp",
+        _need(self.pp == 1 or dp == 1 or self.strategy == "ddp",
+              f"distributed.pp={self.pp} with {dp} data-parallel copies replicates each stage and all-reduces its "
+              "gradients (as DDP); set distributed.strategy=ddp")
+        _need(dp == 1 or self.tp == 1 or self.pp > 1 or self.strategy == "fsdp",
               f"{dp} data-parallel copies x distributed.tp={self.tp} needs distributed.strategy=fsdp (FSDP2 shards "
               "the tensor-parallel parameters over the data-parallel ranks; DDP does not take them)")
         return dp

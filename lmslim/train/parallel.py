@@ -150,11 +150,41 @@ def check_model(config: DistributedConfig, dims: dict[str, Any] | None) -> None:
                             "divides it")
 
 
-def check_plan(config: DistributedConfig, spec: str | None, world_size: int) -> None:
-    """Everything that can be refused before a worker starts: degrees vs world size, the model's shape."""
+def check_plan(config: DistributedConfig, spec: str | None, world_size: int, train: Any = None,
+               dims: dict[str, Any] | None = None, objective: str | None = None, evaluates: bool = False) -> None:
+    """Everything that can be refused before a worker starts: degrees vs world size, the model's shape, and
+    (given the :class:`~lmslim.train.config.TrainConfig` ``train``) features the plan cannot combine with.
+
+    Args:
+        dims: the model's ``config.json`` numbers when ``spec`` alone does not give them (a distilled student).
+        objective: what the run trains with besides the causal LM loss (``"distillation"``), if anything.
+        evaluates: the run evaluates during training (``--eval-data``).
+    """
     config.data_parallel(world_size)
-    if config.model_parallel > 1 and spec is not None:
-        check_model(config, model_dims(spec))
+    if config.model_parallel > 1:
+        check_model(config, dims if dims is not None else model_dims(spec) if spec is not None else None)
+    if train is not None and config.pp > 1:
+        check_pipeline(train, objective, evaluates)
+
+
+def check_pipeline(train: Any, objective: str | None = None, evaluates: bool = False, extras: Any = ()) -> None:
+    """Refuse what ``distributed.pp`` cannot combine with (``train``: the whole TrainConfig)."""
+    if objective:
+        raise UserError(f"distributed.pp trains with the causal LM loss only, not {objective}; use distributed.tp "
+                        "(student split, teacher replicated) or data parallelism (distributed.strategy=ddp or fsdp)")
+    if train.precision.mode == "fp16":
+        raise UserError("distributed.pp with precision.mode=fp16 (loss scaling) is not supported; use bf16 or fp32")
+    if extras:
+        raise UserError("distributed.pp cannot train parameters outside the model yet (e.g. a distillation "
+                        "projection); use distributed.strategy=ddp")
+    if evaluates:
+        raise UserError("distributed.pp cannot evaluate during training yet (each rank holds some layers only); "
+                        "drop --eval-data and evaluate the saved model with lmslim eval")
+    dcfg = train.distributed
+    if train.batch.token_budget or train.batch.batch_size % dcfg.pp_microbatches:
+        raise UserError(f"distributed.pp needs batch.token_budget=0 and batch.batch_size "
+                        f"({train.batch.batch_size}) a multiple of distributed.pp_microbatches "
+                        f"({dcfg.pp_microbatches})")
 
 
 # ------------------------------------------------------------------------------------------ tensor parallel
@@ -177,29 +207,34 @@ def _replicate_rest(module: nn.Module, mesh: Any) -> None:
 
 def tensor_parallel(model: nn.Module, mesh: Any) -> None:
     """Split a Llama-family model over the 1-D ``mesh`` in place (see the module docstring)."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
     from lmslim.nn.blocks import family, transformer_blocks
 
     if family(model) != "llama":
         raise UserError(f"distributed.tp needs a Llama-style model (q/k/v/o and gate/up/down projections); "
                         f"{type(model).__name__} is not one")
-    _, blocks = transformer_blocks(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    split_modules(model, transformer_blocks(model)[1], model.get_input_embeddings(), head, mesh)
+
+
+def split_modules(root: nn.Module, blocks: Any, embed: nn.Module | None, head: nn.Module | None, mesh: Any) -> None:
+    """Tensor-parallel split of ``blocks``, ``embed`` and ``head`` (each may be absent: a pipeline stage holds
+    some of them only), then every other parameter under ``root`` made a replicated DTensor."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
     plan = {**{name: ColwiseParallel() for name in COLWISE}, **{name: RowwiseParallel() for name in ROWWISE}}
     for block in blocks:
         parallelize_module(block, mesh, plan)
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = head is not None and head.weight is embed.weight
-    # The embedding by vocabulary rows: each rank looks up its own tokens, an all-reduce completes the rows.
-    parallelize_module(embed, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    if embed is not None:
+        # The embedding by vocabulary rows: each rank looks up its own tokens, an all-reduce completes the rows.
+        parallelize_module(embed, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
     if isinstance(head, nn.Linear) and head.bias is None:
         # The LM head by vocabulary columns (the same Shard(0) of the weight); the logits are all-gathered.
         parallelize_module(head, mesh, ColwiseParallel(output_layouts=Replicate()))
         if tied:  # parallelize_module gave the head its own copy: share the embedding's shard again
             head.weight = embed.weight
-    _replicate_rest(model, mesh)
+    _replicate_rest(root, mesh)
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -251,19 +286,7 @@ def pipeline(model: nn.Module, layout: Layout, config: Any, runtime: Any, extras
     cannot do yet."""
     if layout.pp <= 1:
         return None
-    if custom_objective:
-        raise UserError("distributed.pp trains with the causal LM loss only (not distillation or another "
-                        "objective) yet; use distributed.strategy=ddp or fsdp")
-    if runtime.needs_grad_scaler:
-        raise UserError("distributed.pp with precision.mode=fp16 (loss scaling) is not supported; use bf16 or fp32")
-    if extras:
-        raise UserError("distributed.pp cannot train parameters outside the model yet (e.g. a distillation "
-                        "projection); use distributed.strategy=ddp")
-    if evaluates:
-        raise UserError("distributed.pp cannot evaluate during training yet (each rank holds some layers only); "
-                        "drop --eval-data and evaluate the saved model with lmslim eval")
-    if config.precision.activation_checkpointing:
-        raise UserError("distributed.pp with precision.activation_checkpointing is not supported yet; use one")
+    check_pipeline(config, "a custom objective" if custom_objective else None, evaluates, extras)
     from lmslim.train.pipeline import Pipeline
 
     return Pipeline(model, layout, config, runtime)
@@ -278,7 +301,9 @@ def step_comm_bytes(model: nn.Module, config: Any, layout: Layout, step: int, to
     from lmslim.train.distributed import comm_bytes_per_step
 
     dist_cfg = config.distributed
-    grads = comm_bytes_per_step(model.parameters(), dist_cfg, layout.dp, step) // max(1, layout.tp)
+    # pp: a rank all-reduces its own stage's gradients only (the other stages' parameters are on meta)
+    own = [p for p in model.parameters() if p.device.type != "meta"]
+    grads = comm_bytes_per_step(own, dist_cfg, layout.dp, step) // max(1, layout.tp)
     if not layout.model_parallel:
         return grads
     per_rank = tokens // layout.dp if tokens is not None else \
@@ -288,9 +313,10 @@ def step_comm_bytes(model: nn.Module, config: Any, layout: Layout, step: int, to
         from lmslim.train.pipeline import comm_bytes
 
         padded = config.batch.batch_size * config.batch.max_length * config.batch.grad_accum
-        return comm_bytes(dims, padded, layout.pp)
+        stage = {**dims, "num_hidden_layers": dims["num_hidden_layers"] // layout.pp}  # tp inside one stage
+        return grads + comm_bytes(dims, padded, layout.pp) + tp_comm_bytes(stage, padded, layout.tp)
     return grads + tp_comm_bytes(dims, per_rank, layout.tp)
 
 
-__all__ = ["Layout", "layout", "check_model", "check_plan", "model_dims", "tensor_parallel", "parameter_bytes",
-           "has_dtensors", "tp_comm_bytes", "step_comm_bytes", "pipeline"]
+__all__ = ["Layout", "layout", "check_model", "check_plan", "check_pipeline", "split_modules", "model_dims",
+           "tensor_parallel", "parameter_bytes", "has_dtensors", "tp_comm_bytes", "step_comm_bytes", "pipeline"]

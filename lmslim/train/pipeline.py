@@ -79,18 +79,30 @@ class Pipeline:
                 or model.get_output_embeddings() is None:
             raise UserError(f"distributed.pp needs a Llama-style causal LM (task clm); {type(model).__name__} is "
                             "not one")
-        if config.batch.token_budget or config.batch.batch_size % dcfg.pp_microbatches:
-            raise UserError(f"distributed.pp needs batch.token_budget=0 and batch.batch_size "
-                            f"({config.batch.batch_size}) a multiple of distributed.pp_microbatches "
-                            f"({dcfg.pp_microbatches})")
         self.model, self.runtime, self.config = model, runtime, config
         self.pp, self.rank = layout.pp, layout.pp_rank
         self.group = layout.mesh["pp"].get_group()
+        # pp x dp: each stage is replicated over the dp ranks; its gradients are summed over them (the loss is
+        # already divided by the loss terms of all dp ranks, so the sum is the whole batch's gradient).
+        self.dp_group = layout.dp_group if layout.dp > 1 else None
         self.first, self.last = self.rank == 0, self.rank == self.pp - 1
         _, blocks = transformer_blocks(model)
         per = len(blocks) // self.pp
         self.stage = _Stage(model, self.first, self.last, blocks[self.rank * per:(self.rank + 1) * per])
         self._free_the_rest(model)
+        self.tp_group = None
+        if layout.tp > 1:  # pp x tp: this stage's layers (and embedding / head) split over its tp ranks
+            from lmslim.train.parallel import split_modules
+
+            split_modules(self.stage, self.stage.layers, self.stage.embed, self.stage.head, layout.mesh["tp"])
+            self._retie(model)
+            self.tp_group = layout.mesh["tp"].get_group()
+        if config.precision.activation_checkpointing:
+            # transformers' decoder layers recompute themselves in backward once enabled (the loop did).
+            if not all(getattr(layer, "gradient_checkpointing", False) for layer in self.stage.layers):
+                raise UserError("precision.activation_checkpointing: this model's decoder layers do not "
+                                "checkpoint themselves inside a pipeline stage; set it to false")
+            log.info("pipeline stage %d: %d layers recomputed in backward", self.rank, len(self.stage.layers))
         self.tied = self._tied(model)
         self.tied_group = self._tied_group(layout)
         self.step_units = 1
@@ -108,13 +120,17 @@ class Pipeline:
                 for name, p in list(module.named_parameters(recurse=False)):
                     if id(p) not in mine and p.device.type != "meta":
                         module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-        # A tied head whose embedding moved to meta on this stage: keep the two names on one tensor.
+        self._retie(model)
+
+    def _retie(self, model: nn.Module) -> None:
+        """A tied head and embedding: keep the two names on the one tensor this stage holds (if any)."""
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-        if head is not None and getattr(model.config, "tie_word_embeddings", False):
-            if head.weight.device.type == "meta" and embed.weight.device.type != "meta":
-                head.weight = embed.weight
-            elif embed.weight.device.type == "meta" and head.weight.device.type != "meta":
-                embed.weight = head.weight
+        if head is None or not getattr(model.config, "tie_word_embeddings", False) or self.pp == 1:
+            return
+        if self.stage.embed is not None and self.stage.head is None:
+            head.weight = embed.weight
+        elif self.stage.head is not None and self.stage.embed is None:
+            embed.weight = head.weight
 
     def _tied(self, model: nn.Module) -> list[nn.Parameter]:
         head = model.get_output_embeddings()
@@ -130,8 +146,16 @@ class Pipeline:
             return self.group
         import torch.distributed as dist
 
-        ranks = layout.mesh["pp"].mesh.tolist()
-        return dist.new_group([ranks[0], ranks[-1]])
+        # One group per pipeline (each dp/tp position); every rank creates all of them, in the same order.
+        grid = layout.mesh.mesh  # (pp, dp, tp) global ranks
+        mine = None
+        for d in range(grid.shape[1]):
+            for t in range(grid.shape[2]):
+                pair = [int(grid[0, d, t]), int(grid[-1, d, t])]
+                group = dist.new_group(pair)
+                if layout.rank in pair:
+                    mine = group
+        return mine
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This stage's parameters under their model names (each once)."""
@@ -189,30 +213,61 @@ class Pipeline:
                     self.schedule.step(attention_mask=b["attention_mask"])
             if self.last:
                 total += torch.stack([x.detach().float() for x in losses]).sum()
+        if self.tp_group is not None:
+            self._align_grads()
         if self.tied and self.tied_group is not None:  # the head's and the embedding's gradients, summed
             for p in self.tied:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=self.tied_group)
+                dist.all_reduce(_local(p.grad), group=self.tied_group)  # pp x tp: the same vocabulary shard
+        if self.dp_group is not None:
+            self._sum_over_dp()
         dist.all_reduce(total, group=self.group)  # only the last stage has a loss; the others add 0
         return total
+
+    def _align_grads(self) -> None:
+        """pp x tp: give every gradient its parameter's layout (an embedding's arrives as a pending sum of
+        full-size tensors), so the collectives below and the optimizer see each rank's own shard."""
+        for _, p in self.named_parameters():
+            if p.grad is not None and _is_dtensor(p.grad) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+    def _sum_over_dp(self) -> None:
+        """Sum this stage's gradients over its data-parallel replicas (one flat all-reduce)."""
+        import torch.distributed as dist
+
+        params = [p for _, p in self.named_parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [_local(p.grad) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         """The global gradient norm over all stages (a tied weight counted once); clips in place."""
         import torch.distributed as dist
 
         tied = {id(p) for p in self.tied}
-        sq = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        # pp x tp: a sharded parameter's squares are summed over the tp ranks, a replicated one's counted once.
+        sq = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)  # (sharded, whole)
         for p in params:
             if p.grad is not None and (id(p) not in tied or self.first):
-                sq += p.grad.detach().double().pow(2).sum()
-        dist.all_reduce(sq, group=self.group)
-        norm = sq.sqrt().float()
+                sq[int(not _sharded(p))] += _local(p.grad).detach().double().pow(2).sum()
+        if self.tp_group is not None:
+            sq[0] = _sum(sq[0], self.tp_group)
+        total = sq.sum()
+        dist.all_reduce(total, group=self.group)
+        norm = total.sqrt().float()
         if math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for p in params:
                 if p.grad is not None:
-                    p.grad.mul_(coef)
+                    _local(p.grad).mul_(coef)
         return norm
 
     # -------------------------------------------------------------------------------------- state
@@ -247,7 +302,7 @@ class Pipeline:
         """The whole model's weights on rank 0 (every stage sends its own; tied names once)."""
         import torch.distributed as dist
 
-        mine = {n: p.detach().cpu() for n, p in self.named_parameters()}
+        mine = {n: _local(p.full_tensor() if _is_dtensor(p) else p).detach().cpu() for n, p in self.named_parameters()}
         parts: list[Any] = [None] * self.pp
         dist.all_gather_object(parts, mine, group=self.group)
         if not self.first:
@@ -262,6 +317,29 @@ class Pipeline:
             for n in names[1:]:  # stored once, as save_pretrained does for a tied module
                 full.pop(n, None)
         return full
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (in place edits reach it), ``t`` itself otherwise."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _sharded(p: torch.Tensor) -> bool:
+    return _is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
+
+
+def _sum(value: torch.Tensor, group: Any) -> torch.Tensor:
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value, group=group)
+    return value
 
 
 def comm_bytes(dims: dict[str, int], tokens: int, pp: int, bytes_per_value: int = 4) -> int:

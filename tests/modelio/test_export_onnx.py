@@ -116,6 +116,18 @@ def test_quantized_model_keeps_its_codes_and_logits(tmp_path, bits, kind, symmet
     assert rel < 0.06  # measured 2.9-3.1%: this wide-initialised model amplifies rounding (SmolLM2: see docs)
 
 
+def test_quantized_embedding_and_head_export(tmp_path):
+    from lmslim.compress.quantize import RTNConfig, quantize_
+
+    m, tok = tiny_llama(init=0.25, seed=1)
+    quantize_(m, RTNConfig(bits=4, group_size=32, kernel="dequant", include_lm_head=True, include_embeddings=True))
+    ref = _torch(m, IDS)
+    path = _export((m, tok), tmp_path / "q", type="int4", int8_compute=False)
+    assert np.abs(_prefill(path, IDS) - ref).max() < 1e-3 * np.abs(ref).max()
+    assert export_meta(path)["cost"]["params"] == 260 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) \
+        + 64 * 5  # the table (looked up, dequantized) and the 4-bit head are both in the file
+
+
 def test_float_model_to_int4_is_lmslims_rtn_with_partial_groups(tmp_path):
     from lmslim.assets.tiny import build_tiny
     from lmslim.compress.quantize import RTNConfig, quantize_
@@ -136,6 +148,9 @@ def test_per_layer_shapes_export_and_match(tmp_path):
     mlp = m.model.layers[1].mlp  # layer 1 keeps 96 of 128 FFN channels
     mlp.gate_proj, mlp.up_proj = new_linear_like(mlp.gate_proj, 96, 64, False), new_linear_like(mlp.up_proj, 96, 64, False)
     mlp.down_proj = new_linear_like(mlp.down_proj, 64, 96, False)
+    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        torch.nn.init.normal_(lin.weight, std=0.25)  # new_linear_like leaves the weights unset
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach() * 0.5)  # an untied head: its own MatMul
     path = _export((m, tok), tmp_path / "p", type="f32")
     layers = export_meta(path)["layers"]
     assert [x["ffn"] for x in layers] == [128, 96] and sum(x["heads"] for x in layers) < 8

@@ -104,9 +104,10 @@ def _encoder(config: ONNXExportConfig, tally: dict[str, int]):
 
 def _cost(model, tally: dict[str, int], layers: list[dict]) -> dict[str, Any]:
     """What ``lmslim.measure.cost.ModelShape`` needs, counted on the graph as written (weights float32)."""
-    base = model.model
-    vocab, hidden = base.embed_tokens.weight.shape
-    d = base.layers[0].self_attn.head_dim
+    from lmslim.modelio.export.onnx_graph import embedding_table
+
+    vocab, hidden = embedding_table(model).shape
+    d = model.model.layers[0].self_attn.head_dim
     table = vocab * hidden
     norms = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("norm"))
     gemm_head = not tally["head_encoded"]  # the tied table is the LM head: read whole every token
@@ -170,4 +171,5 @@ def is_onnx_export(path: Path) -> bool:
         return False
 
 
-register_exporter(Exporter("onnx", "", ONNX_TYPES, _write, folder=True))
+register_exporter(Exporter("onnx", "", ONNX_TYPES, _write, folder=True, config=ONNXExportConfig,
+                           engine="onnxruntime"))

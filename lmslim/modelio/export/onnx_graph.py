@@ -136,11 +136,22 @@ def _positions(g: GraphBuilder, model) -> dict:
             "sin": g.op("Gather", [g.const(sin.numpy(), "rope_sin"), pos], "sin"), "mask": mask}
 
 
+def embedding_table(model) -> torch.Tensor:
+    """The (V, H) float32 input embedding (a lmslim-quantized table as its exact dequantized values)."""
+    emb = model.model.embed_tokens
+    return emb.dequantized_weight() if hasattr(emb, "dequantized_weight") else emb.weight.detach().float()
+
+
+def tied_head(model) -> bool:
+    """Whether the LM head is the float embedding table itself (then it is read by ``Gemm``, stored once)."""
+    head, emb = model.lm_head, model.model.embed_tokens
+    return (not isinstance(head, QuantLinear) and isinstance(getattr(emb, "weight", None), torch.Tensor)
+            and head.weight.data_ptr() == emb.weight.data_ptr())
+
+
 def _lm_head(g: GraphBuilder, model, x: str, embed: str, hidden: int, vocab: int) -> str:
-    head = model.lm_head
-    tied = not isinstance(head, QuantLinear) and head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    if not tied or getattr(g, "quantize_head", False):
-        return g.linear(x, head, "lm_head")
+    if not tied_head(model) or getattr(g, "quantize_head", False):
+        return g.linear(x, model.lm_head, "lm_head")
     # Gemm reads the (V, H) table with transB: the tied table is stored once, never transposed.
     flat = g.op("Reshape", [x, g.const(np.array([-1, hidden], np.int64), "shape")])  # (B·S, H)
     logits = g.op("Gemm", [flat, embed], transB=1)  # (B·S, V)
@@ -153,10 +164,11 @@ def build_graph(model, encode_linear, quantize_head: bool = False):
     g = GraphBuilder(encode_linear)
     g.quantize_head = quantize_head
     base = model.model
-    vocab, hidden = base.embed_tokens.weight.shape
+    table = embedding_table(model)
+    vocab, hidden = table.shape
     d = base.layers[0].self_attn.head_dim
     ctx = {"head_dim": d, **_positions(g, model)}
-    embed = g.const(base.embed_tokens.weight.detach().float().numpy(), "embed_tokens")
+    embed = g.const(table.numpy(), "embed_tokens")
     x = g.op("Gather", [embed, "input_ids"], "embeddings")  # (B, S, H)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
     outputs, layers = [], []

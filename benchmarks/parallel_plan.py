@@ -26,7 +26,10 @@ from torch import nn
 LLAMA3_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
               "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 
-PLANS = [(8, 1, 8, 1, True), (8, 1, 4, 2, True), (64, 8, 8, 1, True), (64, 2, 8, 4, True), (64, 1, 8, 8, False)]
+# (GPUs, dp, tp, pp, dp as FSDP2). lmslim's pp x dp replicates the stages (fsdp False): the 64-GPU 3-D plan
+# is listed both ways, as lmslim runs it and with FSDP2 over dp.
+PLANS = [(8, 1, 8, 1, True), (8, 1, 4, 2, True), (64, 8, 8, 1, True), (64, 2, 8, 4, True), (64, 2, 8, 4, False),
+         (64, 1, 8, 8, False)]
 
 
 def params(d: dict) -> int:
@@ -62,7 +65,7 @@ def estimate(d: dict, gpus: int, dp: int, tp: int, pp: int, fsdp: bool, tokens: 
     shape = ModelShape(layers, d["num_attention_heads"], d["num_key_value_heads"], h // d["num_attention_heads"],
                        n - d["vocab_size"] * h - h * (2 * layers + 1), 0, n, n, 2 * layers * kv * 2)
     flops = training_flops_per_token(shape, seq) * tokens / gpus
-    return {"gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "dp_kind": strategy if dp > 1 else "-",
+    return {"gpus": gpus, "dp": dp, "tp": tp, "pp": pp, "dp_kind": ("FSDP2" if fsdp else "replicated") if dp > 1 else "-",
             "static_gb": static / 1e9, "act_gb": act / 1e9, "dp_gb": dp_bytes / 1e9, "tp_gb": tp_bytes / 1e9,
             "pp_gb": pp_bytes / 1e9, "tflop_per_gpu": flops / 1e12, "params_b": n / 1e9}
 

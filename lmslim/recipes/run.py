@@ -64,23 +64,24 @@ class Measurer:
     def _key(self, kind: str, weights: str | None, settings: dict) -> str:
         return _fingerprint(kind, weights, settings)
 
-    def measure(self, spec: str, weights: str | None, out_dir: Path) -> dict[str, dict]:
-        """eval.json and bench.json for ``spec`` in ``out_dir``; returns both (absent ones omitted)."""
+    def measure(self, spec: str, weights: str | None, out_dir: Path, engine: str = "torch") -> dict[str, dict]:
+        """eval.json and bench.json for ``spec`` in ``out_dir`` (run in ``engine``); returns both (absent ones omitted)."""
         r = self.recipe
         results = {}
         jobs = []
+        in_engine = [] if engine == "torch" else ["--engine", engine]
         if r.eval.enabled:
             e = r.eval
             args = ["eval", spec, "--data", r.data.eval, "--task", e.task, "--batch-size", str(e.batch_size),
                     "--window", str(e.window), "--stride", str(e.stride)]
             if e.max_tokens is not None and e.task == "clm":
                 args += ["--max-tokens", str(e.max_tokens)]
-            jobs.append(("eval", args, {"eval": e.model_dump(), "data": r.data.eval}))
+            jobs.append(("eval", args + in_engine, {"eval": e.model_dump(), "data": r.data.eval, "engine": engine}))
         if r.bench.enabled:
             b = r.bench
             args = ["bench", spec, "--prompt-len", str(b.prompt_len), "--gen-len", str(b.gen_len),
                     "--repeats", str(b.repeats), "--warmup", str(b.warmup)]
-            jobs.append(("bench", args, {"bench": b.model_dump(exclude={"threads"})}))
+            jobs.append(("bench", args + in_engine, {"bench": b.model_dump(exclude={"threads"}), "engine": engine}))
         for kind, args, settings in jobs:
             target = out_dir / f"{kind}.json"
             cached = self.cache_dir / f"{self._key(kind, weights, settings)}.json" if self.cache_dir and weights else None
@@ -95,6 +96,14 @@ class Measurer:
                     shutil.copyfile(target, cached)
             results[kind] = json.loads(target.read_text())
         return results
+
+
+def artifact_hash(path: Path) -> str:
+    """SHA-256 of an exported file, or of a folder's files in name order (an ONNX export)."""
+    from lmslim.core.io import sha256_files
+
+    path = Path(path)
+    return sha256_files(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
 
 
 def _variant(name: str, stage: str | None, spec: str, weights: str | None, measured: dict, report: dict | None
@@ -194,19 +203,25 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
             t0 = time.perf_counter()
             lm = load_model(prev_spec, task=recipe.eval.task, dtype=runtime.dtype, device=runtime.device)
             ctx = StageContext(recipe=recipe, runtime=runtime, work_dir=sdir / "scratch", input_spec=model_spec)
+            artifact = kind.artifact(obj)
+            if artifact:  # an export: the stage's model is the one exported, saved before the export rounds it
+                with atomic_dir(sdir / "model") as tmp:
+                    save_model(lm.model, lm.tokenizer, tmp)
             model, tokenizer, report = kind.run(lm, obj, ctx)
-            with atomic_dir(sdir / "model") as tmp:
-                save_model(model, tokenizer, tmp)
+            if not artifact:
+                with atomic_dir(sdir / "model") as tmp:
+                    save_model(model, tokenizer, tmp)
             failpoint("compress-stage")
             del lm, model
             if (sdir / "scratch").exists():
                 shutil.rmtree(sdir / "scratch")
             report = dict(report or {}, seconds_total=time.perf_counter() - t0)
             atomic_write_json(sdir / "stage.json", {"stage": spec.name, "options": spec.options, "report": report})
-            weights = resolve(str(sdir / "model")).weights_hash()
+            measured_spec = str(sdir / artifact) if artifact else str(sdir / "model")
+            weights = artifact_hash(sdir / artifact) if artifact else resolve(str(sdir / "model")).weights_hash()
             if measure_now and weights != variants[-1]["weights_sha256"]:
                 say(f"stage {i + 1} ({spec.name}) done in {report['seconds_total']:.0f} s; measuring", i)
-                measurer.measure(str(sdir / "model"), weights, sdir)
+                measurer.measure(measured_spec, weights, sdir, report.get("engine") or "torch")
             say(f"stage {i + 1} ({spec.name}) finished", i + 1)
             record = {"fingerprint": fp, "weights_sha256": weights}
             atomic_write_json(done, record)
@@ -216,7 +231,8 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
         if record["weights_sha256"] == variants[-1]["weights_sha256"]:
             log.info("stage %d (%s) left the weights unchanged; no new variant", i, spec.name)
         elif measured:
-            variants.append(_variant(f"{label} · {i}:{spec.name}", spec.name, f"stages/{sdir.name}/model",
+            variants.append(_variant(f"{label} · {i}:{spec.name}", spec.name,
+                                     f"stages/{sdir.name}/{stage_report.get('artifact') or 'model'}",
                                      record["weights_sha256"], measured, stage_report))
         prev_spec, prev_fp, prev_dir, prev_weights = str(sdir / "model"), fp, sdir, record["weights_sha256"]
 
@@ -224,6 +240,9 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
     # between this move and the rename below puts it back on the next start (_undo_final_move).
     atomic_write_json(work / "final.json", {"stage_dir": prev_dir.name})
     os.replace(prev_dir / "model", work / "model")
+    artifact = json.loads((prev_dir / "stage.json").read_text())["report"].get("artifact") if prev_dir else None
+    if artifact:  # the export (the last stage) beside the model it was made from: DIR/model.gguf, DIR/model-onnx
+        os.replace(prev_dir / artifact, work / artifact)
     failpoint("compress-final")
     if not recipe.keep_intermediate:  # kept until now so any interrupted run could resume
         for d in (work / "stages").iterdir():
@@ -233,7 +252,7 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
         kept = recipe.keep_intermediate and v["model"] is not None
         v["model"] = v["model"] if kept else None
     if variants[-1]["stage"] is not None and variants[-1]["weights_sha256"] == prev_weights:
-        variants[-1]["model"] = "model"
+        variants[-1]["model"] = artifact or "model"
     results = {"kind": "compress", "recipe": label, "input": {"spec": model_spec, "weights_sha256": input_hash},
                "task": recipe.eval.task, "data": recipe.data.model_dump(),
                "variants": _relocate(variants, work, out), "seconds": time.perf_counter() - t_start}

@@ -45,6 +45,7 @@ class StageKind:
         needs: data roles the stage reads (``calibration``, ``train``), checked before the run.
         trains: whether it changes float weights by training or pruning (impossible after quantize).
         last: whether it must be the final stage (export).
+        artifact: the file or folder name the stage writes instead of a new model (an export), or None.
     """
 
     name: str
@@ -54,6 +55,7 @@ class StageKind:
     needs: Callable[[Any], tuple[str, ...]] = lambda obj: ()
     trains: bool = True
     last: bool = False
+    artifact: Callable[[Any], str | None] = lambda obj: None
     reference: Callable[[], list[tuple[str, list[tuple[str, str, str]]]]] = lambda: []
 
 
@@ -203,26 +205,41 @@ register_stage(StageKind(
 
 # ------------------------------------------------------------------------------------------------ export
 
-@dataclass(frozen=True)
-class ExportStage:
-    format: str = "hf"
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.format != "hf":
-            raise UserError(f"export format {self.format!r} is not supported; use hf (a Hugging Face folder)")
+ARTIFACTS = {"gguf": "model.gguf", "onnx": "model-onnx"}  # what an export stage writes, by format
 
 
-def _run_export(lm, stage: ExportStage, ctx: StageContext):
-    # The folder every stage writes is already a self-contained HF folder that lmslim (and, for
-    # unquantized, uniformly shaped models, plain transformers) loads; export marks the final one.
-    return lm.model, lm.tokenizer, {"format": stage.format}
+def _run_export(lm, stage, ctx: StageContext):
+    """``hf``: the folder every stage writes is already the hand-off; others write ``ARTIFACTS[format]``."""
+    from lmslim.compress.export import export_
+    from lmslim.modelio.export import get_exporter
+
+    if stage.format == "hf":
+        return lm.model, lm.tokenizer, {"format": "hf"}
+    calib = calibration_for(lm, ctx, stage.calib_samples, stage.seq_len) if stage.needs_calibration else None
+    name = ARTIFACTS[stage.format]
+    report = export_(lm.model, lm.tokenizer, stage, ctx.work_dir.parent / name, calib)
+    return lm.model, lm.tokenizer, {**report, "artifact": name, "engine": get_exporter(stage.format).engine}
+
+
+def _parse_export(options: dict):
+    from lmslim.compress.export import ExportConfig
+
+    return build_config(ExportConfig, options, "stage export")
+
+
+def _export_reference():
+    from lmslim.compress.export import ExportConfig
+
+    return [("", config_reference(ExportConfig))]
 
 
 register_stage(StageKind(
-    name="export", summary="mark the final model folder for hand-off (format: hf); must be the last stage",
-    parse=lambda o: build_config(ExportStage, o, "stage export"), run=_run_export, trains=False, last=True,
-    reference=lambda: [("", config_reference(ExportStage))]))
+    name="export", summary="the hand-off: hf (the model folder), gguf (llama.cpp) or onnx (ONNX Runtime), measured "
+    "in that engine; float weights rounded on the format's grid (method rtn, or gptq on the calibration data); "
+    "must be the last stage",
+    parse=_parse_export, run=_run_export, trains=False, last=True,
+    needs=lambda s: ("calibration",) if s.needs_calibration else (),
+    artifact=lambda s: ARTIFACTS.get(s.format), reference=_export_reference))
 
 
 def _load_optional_stages() -> None:

@@ -41,7 +41,8 @@ from lmslim.core.errors import MAX_MESSAGE, UserError
 from lmslim.core.guard import check_output
 from lmslim.recipes.run import recipe_inputs
 from lmslim.recipes.schema import apply_overrides, load_recipe_file, parse_recipe
-from lmslim.recipes.stages import ExportStage, validate_stages
+from lmslim.compress.export import ExportConfig
+from lmslim.recipes.stages import validate_stages
 from lmslim.train.config import TrainConfig, all_keys
 
 TOTAL = int(os.environ.get("LMSLIM_FUZZ_EXAMPLES", "300"))
@@ -192,7 +193,7 @@ def stage_options(valid: bool) -> dict[str, st.SearchStrategy]:
         "quantize": method_stage(QUANTIZERS),
         "prune": method_stage(PRUNERS),
         "share": options_for(ShareConfig, valid),
-        "export": options_for(ExportStage, valid),
+        "export": options_for(ExportConfig, valid),
         "finetune": st.fixed_dictionaries({}, optional={"train": train_dict(valid),
                                                         "keep_sparsity": value_for(bool, valid)}),
         "distill": options_for(DistillConfig, valid, {
@@ -247,7 +248,7 @@ def test_random_recipe_data_raises_only_user_errors(raw):
 
 
 CONFIGS = [cls for reg in (QUANTIZERS, PRUNERS) for cls, _ in reg.entries.values()] + \
-    [ShareConfig, DistillConfig, BlockwiseConfig, ExportStage]
+    [ShareConfig, DistillConfig, BlockwiseConfig, ExportConfig]
 python_only = st.sampled_from([float("nan"), object(), [[[[[]]]]] * 3, (1, "a"), {1, 2}]) | \
     st.sampled_from([5000, 10**5]).map(lambda e: 10**e)  # beyond what str() prints
 

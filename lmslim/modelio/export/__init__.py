@@ -32,6 +32,8 @@ class Exporter:
     types: tuple[str, ...]
     write: Callable[[Any, Any, Path, Any], dict]
     folder: bool = False  # the output is a folder (built in a temporary sibling, then renamed)
+    config: type | None = None  # the frozen dataclass of this format's options (what ``write`` takes)
+    engine: str = ""  # the engine that runs the output (``lmslim eval/bench --engine``)
 
 
 _EXPORTERS: dict[str, Exporter] = {}

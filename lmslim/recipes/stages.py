@@ -33,6 +33,7 @@ class StageContext:
     resume_changes: tuple = ()  # training-config keys allowed to differ from the checkpoint's
     clear_work_dir: bool = False  # remove work_dir's old contents right before training (--overwrite)
     trust_remote_code: bool = False  # for models a stage loads (a teacher)
+    artifact_path: Path | None = None  # where an export stage writes (``lmslim export --out``; default: beside work_dir)
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def _run_export(lm, stage, ctx: StageContext):
         return lm.model, lm.tokenizer, {"format": "hf"}
     calib = calibration_for(lm, ctx, stage.calib_samples, stage.seq_len) if stage.needs_calibration else None
     name = ARTIFACTS[stage.format]
-    report = export_(lm.model, lm.tokenizer, stage, ctx.work_dir.parent / name, calib)
+    report = export_(lm.model, lm.tokenizer, stage, ctx.artifact_path or ctx.work_dir.parent / name, calib)
     return lm.model, lm.tokenizer, {**report, "artifact": name, "engine": get_exporter(stage.format).engine}
 
 

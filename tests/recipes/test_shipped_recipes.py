@@ -32,6 +32,8 @@ def tiny_overrides(recipe, text_file) -> list[str]:
         for key, value in (("calib_samples", 4), ("seq_len", 64)):
             if key in opts:
                 items.append(f"{at}.{key}={value}")
+        if stage.name == "export" and opts.get("format") == "gguf":
+            items.append(f"{at}.type=f16")  # the tiny model's 176-wide FFN rows fit no 32-weight block type
         if opts.get("blockwise"):
             items += [f"{at}.blockwise.epochs=1", f"{at}.blockwise.samples=4"]
         if "train" in opts:

@@ -15,7 +15,9 @@ The processes of a job form a mesh ``pp x dp x tp`` (``init_device_mesh``); ``di
   transformers' Llama attention infers the number of heads from the projection's (local) width.
 - **Pipeline parallelism**: :mod:`lmslim.train.pipeline` (consecutive layers per rank, micro-batched).
 - **Data parallelism** over the ``dp`` dimension: DDP (``tp = pp = 1``) or FSDP2 (``fully_shard`` on the
-  ``dp`` sub-mesh of a 2-D ``dp x tp`` mesh).
+  ``dp`` sub-mesh of a 2-D ``dp x tp`` mesh); with ``pp > 1`` every stage (tensor-parallel or not) is
+  replicated over ``dp`` and its gradients are summed by one all-reduce per step (``pp x dp``,
+  ``pp x tp``, ``dp x tp x pp``).
 
 Every collective these plans need (all-reduce, all-gather, reduce-scatter, send/recv) exists in gloo in
 this torch (2.13), so each plan runs on CPU for tests as on GPUs with nccl.

@@ -14,6 +14,12 @@ both stages' gradients by one all-reduce, so the two copies stay equal. Batches 
 ``batch.batch_size`` rows of ``batch.max_length`` tokens (masked, ignored by the loss): pipeline stages
 exchange buffers of fixed shape.
 
+With other plans: ``pp x dp`` replicates each stage over the data-parallel ranks (each replica runs its
+own share of the step's examples through its own pipeline) and sums the stage's gradients over them by one
+all-reduce; ``pp x tp`` splits each stage's layers (and its embedding or LM head) over its tensor-parallel
+ranks with the same plan as :func:`lmslim.train.parallel.tensor_parallel`; the hidden states between stages
+stay plain (replicated) tensors. Activation checkpointing and bf16 autocast apply inside each stage.
+
 Checkpoints: ``torch.distributed.checkpoint`` with each rank's own parameters and optimizer state under
 their model names (the tied weight, held by two stages, is stored once); the final model is gathered
 on rank 0 into a normal Hugging Face folder.

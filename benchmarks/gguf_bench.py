@@ -2,17 +2,20 @@
 
 SmolLM2-135M, every row in one run, measured in llama.cpp (llama-cpp-python):
 - the released Q4_1 file (its weights define SmolLM2: Q4_1 of them is lossless, never a result);
-- lmslim's exports: f32, f16, q8_0 (RTN), q4_0 (RTN; with ``--clip``/``--gptq`` also RTN + clip search
-  and GPTQ on the q4_0 grid);
-- llama.cpp's own quantization (``llama_model_quantize``, no importance matrix) of lmslim's f32
-  export: Q8_0, Q4_0, Q4_K_M: the same-type comparison.
-Perplexity on the first ``--max-tokens`` of builtin:wiki:test (lmslim's windows, 512/256); decode
-tok/s at an 8-token prompt, 64 greedy tokens, ``--rounds`` rounds with the files interleaved inside
-each round (median per file), each run in a fresh process (``llama_cpp_worker.py``).
+- llama.cpp's own quantizer (``llama_cpp_quantize``) on lmslim's f32 export: Q8_0, Q4_0, Q4_K_M,
+  Q3_K_M, Q2_K, and Q4_0 / Q4_K_M / Q3_K_M with an importance matrix (the same calibration
+  statistics lmslim uses: mean squared input per column, 32×256 tokens of builtin:wiki:train);
+- lmslim's exports at the same types: q8_0, q4_0 and q4_k_m (the same per-tensor types as llama.cpp's
+  Q4_K_M: the file sizes are equal), RTN with and without the importance weights, and a per-tensor
+  mix (q4_0 with attn_v/ffn_down at q8_0); ``--gptq`` adds q4_0 GPTQ through ``lmslim export``.
+Perplexity on the first ``--max-tokens`` of builtin:wiki:test (lmslim's windows, 512/256, llama.cpp with
+2 threads); decode tok/s at an 8- and a 128-token prompt, 64 greedy tokens, ``--threads`` threads,
+``--rounds`` rounds with every file interleaved inside each round (median per file), each run in a
+fresh process (``llama_cpp_worker.py``).
 
 Usage:
-    .venv/bin/python benchmarks/gguf_bench.py [--out runs/gguf-bench] [--max-tokens 1024] [--rounds 3]
-        [--threads 1] [--clip] [--gptq]
+    .venv/bin/python benchmarks/gguf_bench.py [--out runs/gguf-bench] [--max-tokens 1024] [--rounds 2]
+        [--threads 1] [--gptq]
 """
 
 from __future__ import annotations
@@ -29,95 +32,109 @@ ROOT = Path(__file__).resolve().parents[1]
 LMSLIM = [sys.executable, "-m", "lmslim"]
 
 
-def export(out: Path, typ: str, *extra: str) -> Path:
-    if not out.exists():
-        subprocess.run(LMSLIM + ["export", "builtin:smollm2-135m", "--type", typ, "--out", str(out), *extra],
-                       check=True)
-    return out
-
-
-def llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
-    import llama_cpp
-
-    if not dst.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-        if rc != 0:
-            raise SystemExit(f"llama_model_quantize {ftype} failed ({rc})")
-    return dst
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gguf-bench")
     ap.add_argument("--max-tokens", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clip", action="store_true", help="add q4_0 RTN with the clipping search")
-    ap.add_argument("--gptq", action="store_true", help="add q4_0 GPTQ (+ clip search) on the q4_0 grid")
+    ap.add_argument("--gptq", action="store_true", help="add q4_0 GPTQ on the grid (lmslim export --method gptq)")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    o = args.out
+    o.mkdir(parents=True, exist_ok=True)
+
+    import llama_cpp
 
     from lmslim.assets.fetch import SMOLLM2, SMOLLM2_GGUF
+    from lmslim.data.calib import calibration_ids
     from lmslim.data.spec import load_data
     from lmslim.measure.bench import BenchConfig
     from lmslim.measure.engines.llama_cpp import bench_gguf, perplexity_gguf
+    from lmslim.measure.engines.llama_cpp_quantize import llama_quantize
     from lmslim.modelio import load_model
+    from lmslim.modelio.export import export_model
+    from lmslim.modelio.export.gguf import GGUFExportConfig
+    from lmslim.modelio.export.gguf_imatrix import activation_importance
 
-    o = args.out
     t0 = time.perf_counter()
-    f32 = export(o / "lmslim-f32.gguf", "f32")
-    rows = [("released Q4_1 (SmolLM2's own weights)", "Q4_1", "release", SMOLLM2.file(SMOLLM2_GGUF)),
+    lm = load_model("builtin:smollm2-135m")
+    ids = calibration_ids(lm.tokenizer, load_data("builtin:wiki:train", task="clm").documents, 32, 256)
+    imp = activation_importance(lm.model, ids)
+
+    def mine(name, **kw):
+        path = o / f"lmslim-{name}.gguf"
+        if not path.exists():
+            export_model(lm.model, lm.tokenizer, "gguf", path, GGUFExportConfig(**kw))
+        return path
+
+    def theirs(ftype, imatrix=False):
+        path = o / f"llamacpp-{ftype.lower()}{'-imatrix' if imatrix else ''}.gguf"
+        if not path.exists():
+            llama_quantize(f32, path, ftype, imp if imatrix else None)
+        return path
+
+    f32 = mine("f32", type="f32")
+    mix = (("blk.*.attn_v.weight", "q8_0"), ("blk.*.ffn_down.weight", "q8_0"))
+    rows = [("released Q4_1 (SmolLM2's own weights)", "q4_1", "release", SMOLLM2.file(SMOLLM2_GGUF)),
             ("lmslim f32", "f32", "exact", f32),
-            ("lmslim f16", "f16", "cast", export(o / "lmslim-f16.gguf", "f16")),
-            ("llama.cpp Q8_0", "q8_0", "llama.cpp", llama_quantize(f32, o / "llamacpp-q8_0.gguf", "Q8_0")),
-            ("lmslim q8_0 RTN", "q8_0", "lmslim rtn", export(o / "lmslim-q8_0.gguf", "q8_0")),
-            ("llama.cpp Q4_0", "q4_0", "llama.cpp", llama_quantize(f32, o / "llamacpp-q4_0.gguf", "Q4_0")),
-            ("lmslim q4_0 RTN", "q4_0", "lmslim rtn", export(o / "lmslim-q4_0.gguf", "q4_0"))]
-    if args.clip:  # the range search is slow on 2 busy cores (minutes)
-        rows.append(("lmslim q4_0 RTN + clip", "q4_0", "lmslim rtn+clip",
-                     export(o / "lmslim-q4_0-clip.gguf", "q4_0", "--clip-search")))
+            ("llama.cpp Q8_0", "q8_0", "llama.cpp", theirs("Q8_0")),
+            ("lmslim q8_0 RTN", "q8_0", "lmslim rtn", mine("q8_0", type="q8_0")),
+            ("llama.cpp Q4_0", "q4_0", "llama.cpp", theirs("Q4_0")),
+            ("llama.cpp Q4_0 + imatrix", "q4_0", "llama.cpp imatrix", theirs("Q4_0", True)),
+            ("lmslim q4_0 RTN", "q4_0", "lmslim rtn", mine("q4_0", type="q4_0")),
+            ("lmslim q4_0 RTN + importance", "q4_0", "lmslim rtn imp", mine("q4_0-imp", type="q4_0", importance=imp)),
+            ("lmslim q4_0 + q8_0 attn_v/ffn_down, importance", "q4_0 mix", "lmslim rtn imp",
+             mine("q4_0-mix-imp", type="q4_0", tensor_types=mix, importance=imp)),
+            ("llama.cpp Q4_K_M", "q4_k_m", "llama.cpp", theirs("Q4_K_M")),
+            ("llama.cpp Q4_K_M + imatrix", "q4_k_m", "llama.cpp imatrix", theirs("Q4_K_M", True)),
+            ("lmslim q4_k_m RTN", "q4_k_m", "lmslim rtn", mine("q4_k_m", type="q4_k_m")),
+            ("lmslim q4_k_m RTN + importance", "q4_k_m", "lmslim rtn imp",
+             mine("q4_k_m-imp", type="q4_k_m", importance=imp)),
+            ("llama.cpp Q3_K_M", "q3_k_m", "llama.cpp", theirs("Q3_K_M")),
+            ("llama.cpp Q3_K_M + imatrix", "q3_k_m", "llama.cpp imatrix", theirs("Q3_K_M", True)),
+            ("llama.cpp Q2_K", "q2_k", "llama.cpp", theirs("Q2_K"))]
     if args.gptq:
-        rows.append(("lmslim q4_0 GPTQ + clip", "q4_0", "lmslim gptq",
-                     export(o / "lmslim-q4_0-gptq.gguf", "q4_0", "--method", "gptq", "--clip-search",
-                            "--calib-samples", "32", "--seq-len", "256")))
-    rows.append(("llama.cpp Q4_K_M", "q4_k_m", "llama.cpp", llama_quantize(f32, o / "llamacpp-q4_k_m.gguf", "Q4_K_M")))
+        path = o / "lmslim-q4_0-gptq.gguf"
+        if not path.exists():
+            subprocess.run(LMSLIM + ["export", "builtin:smollm2-135m", "--type", "q4_0", "--method", "gptq",
+                                     "--calib-samples", "32", "--seq-len", "256", "--out", str(path)], check=True)
+        rows.append(("lmslim q4_0 GPTQ (15-code grid)", "q4_0", "lmslim gptq", path))
     prep_s = time.perf_counter() - t0
+    del lm
 
     docs = load_data("builtin:wiki:test").documents
-    # Every file holds SmolLM2's vocabulary: one tokenizer (lmslim's copy) gives the ids for all of them.
-    tokenizer = load_model("builtin:smollm2-135m").tokenizer
+    tokenizer = load_model("builtin:smollm2-135m").tokenizer  # every file holds SmolLM2's vocabulary
     results = []
     for name, typ, method, path in rows:
         r = perplexity_gguf(path, docs, max_tokens=args.max_tokens, threads=2, tokenizer=tokenizer)
         results.append({"name": name, "type": typ, "method": method, "file": str(path),
                         "size_mb": path.stat().st_size / 1e6, "perplexity": r["perplexity"],
-                        "tokens_scored": r["tokens_scored"], "decode": []})
+                        "tokens_scored": r["tokens_scored"], "decode8": [], "decode128": []})
         print(f"{name}: ppl {r['perplexity']:.3f}", flush=True)
-    cfg = BenchConfig(prompt_len=8, gen_len=64, repeats=1, warmup=1)
-    for _ in range(args.rounds):  # interleaved: every file once per round
+    for _ in range(args.rounds):  # interleaved: every file once per round, both prompt lengths
         for res in results:
-            b = bench_gguf(Path(res["file"]), cfg, args.threads)
-            res["decode"].append(b["decode_tokens_per_s"])
-            res["peak_rss_mb"] = b["peak_rss_mb"]
+            for prompt in (8, 128):
+                b = bench_gguf(Path(res["file"]), BenchConfig(prompt_len=prompt, gen_len=64, repeats=1, warmup=1),
+                               args.threads)
+                res[f"decode{prompt}"].append(b["decode_tokens_per_s"])
+                res["peak_rss_mb"] = b["peak_rss_mb"]
     base = next(r for r in results if r["name"] == "lmslim f32")["perplexity"]
-    release = statistics.median(results[0]["decode"])
-    lines = ["| variant | type | size MB | ppl (llama.cpp) | Δ vs f32 | decode tok/s | vs released Q4_1 | peak RSS MB |",
+    rel8, rel128 = (statistics.median(results[0][k]) for k in ("decode8", "decode128"))
+    lines = ["| variant | type | size MB | ppl (llama.cpp) | Δ vs f32 | tok/s @8 | tok/s @128 | @8 vs released Q4_1 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        tps = statistics.median(r["decode"])
-        r["decode_tokens_per_s"] = tps
+        r["decode8_tokens_per_s"], r["decode128_tokens_per_s"] = (statistics.median(r[k]) for k in ("decode8", "decode128"))
         lines.append(f"| {r['name']} | {r['type']} | {r['size_mb']:.1f} | {r['perplexity']:.3f} | "
-                     f"{r['perplexity'] / base - 1:+.2%} | {tps:.1f} | {tps / release:.2f}× | {r['peak_rss_mb']:.0f} |")
+                     f"{r['perplexity'] / base - 1:+.2%} | {r['decode8_tokens_per_s']:.1f} | "
+                     f"{r['decode128_tokens_per_s']:.1f} | {r['decode8_tokens_per_s'] / rel8:.2f}× |")
     table = "\n".join(lines)
     print(table)
-    import llama_cpp
-
     (o / "results.json").write_text(json.dumps({"rows": results, "max_tokens": args.max_tokens,
-                                                "threads_decode": args.threads, "rounds": args.rounds,
-                                                "prep_seconds": prep_s, "llama_cpp_python": llama_cpp.__version__,
-                                                "table": table}, indent=2) + "\n")
+                                                "threads_decode": args.threads, "threads_ppl": 2,
+                                                "rounds": args.rounds, "prep_seconds": prep_s,
+                                                "released_decode128": rel128,
+                                                "llama_cpp_python": llama_cpp.__version__, "table": table},
+                                               indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -133,3 +133,72 @@ def test_cli_eval_and_bench_in_llama_cpp(model, tmp_path):
     assert main(["eval", str(path), "--data", str(data), "--engine", "onnx"]) == 2
     assert main(["bench", str(path), "--engine", "llama.cpp", "--batch", "2"]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def _file_weights_model(model, path):
+    """A copy of ``model`` holding exactly the weights ``path`` stores (gguf-py's dequantize, rope rows undone)."""
+    import copy
+
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from lmslim.modelio.export.gguf import _rope_rows
+
+    m = copy.deepcopy(model)
+    t = {x.name: x for x in GGUFReader(path).tensors}
+
+    def get(name, rows=None):
+        x = t[name]
+        w = torch.from_numpy(np.array(dequantize(x.data, x.tensor_type)).reshape(x.shape[::-1].tolist()).copy())
+        return w.float() if rows is None else w.float()[torch.argsort(rows)]
+
+    m.model.embed_tokens.weight.data = get("token_embd.weight")
+    cfg = m.config
+    for i, b in enumerate(m.model.layers):
+        a, f = b.self_attn, b.mlp
+        a.q_proj.weight.data = get(f"blk.{i}.attn_q.weight", _rope_rows(a.q_proj.out_features, cfg.num_attention_heads))
+        a.k_proj.weight.data = get(f"blk.{i}.attn_k.weight", _rope_rows(a.k_proj.out_features, cfg.num_key_value_heads))
+        for mod, n in ((a.v_proj, "attn_v"), (a.o_proj, "attn_output"), (f.gate_proj, "ffn_gate"),
+                       (f.up_proj, "ffn_up"), (f.down_proj, "ffn_down")):
+            mod.weight.data = get(f"blk.{i}.{n}.weight")
+    return m
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q5_0", "q4_0"])
+def test_kquant_export_runs_in_llama_cpp_on_exactly_lmslims_dequantized_weights(tmp_path, kind):
+    m, tok = tiny_llama(hidden=256, ff=512, init=0.08, seed=1)  # rows of 256 and 512: whole super-blocks
+    path = tmp_path / f"{kind}.gguf"
+    export_model(m, tok, "gguf", path, GGUFExportConfig(type=kind, embed_type="f32"))
+    ids = list(range(3, 99))
+    with torch.no_grad():
+        ref = m(input_ids=torch.tensor([ids])).logits[0]
+        deq = _file_weights_model(m, path)(input_ids=torch.tensor([ids])).logits[0]
+    got = _logits(path, ids)
+    scale = ref.abs().max()
+    # llama.cpp rounds the activations to 8 bits for these dot products (~3-5% of the logit range here);
+    # a wrong block layout would put it as far from lmslim's weights as the rounding itself (10-50%).
+    assert (got - deq).abs().max() / scale < 0.08
+    assert (got - deq).abs().max() < 0.5 * (deq - ref).abs().max()
+
+
+def test_llama_cpp_quantizer_with_importance_and_q4_k_m_types_match_lmslims_mix(tmp_path):
+    from gguf import GGUFReader
+
+    from lmslim.core.errors import UserError
+    from lmslim.measure.engines.llama_cpp_quantize import llama_quantize
+    from lmslim.modelio.export.gguf_imatrix import activation_importance
+
+    m, tok = tiny_llama(hidden=256, ff=512, init=0.08, seed=1)
+    f32 = _export((m, tok), tmp_path / "f32.gguf", type="f32")
+    imp = activation_importance(m, torch.randint(3, 250, (2, 32)))
+    report = llama_quantize(f32, tmp_path / "theirs.gguf", "Q4_K_M", imp)
+    assert report["imatrix_tensors"] == 15  # 14 matrices + the tied embedding the head reads
+    _export((m, tok), tmp_path / "mine.gguf", type="q4_k_m")
+    theirs = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "theirs.gguf").tensors}
+    mine = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "mine.gguf").tensors}
+    assert mine == theirs  # lmslim's q4_k_m preset gives every tensor llama.cpp's Q4_K_M type
+    with pytest.raises(UserError, match="already exists"):
+        llama_quantize(f32, tmp_path / "theirs.gguf", "Q4_K_M")
+    with pytest.raises(UserError, match="unknown llama.cpp type"):
+        llama_quantize(f32, tmp_path / "x.gguf", "Q9_Z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f32.gguf", "mine.gguf", "theirs.gguf"]

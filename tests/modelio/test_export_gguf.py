@@ -15,7 +15,7 @@ import torch
 from lmslim.core.errors import UserError
 from lmslim.modelio.export import export_model
 from lmslim.modelio.export.gguf import GGUFExportConfig, _rope_rows
-from lmslim.modelio.export.gguf_blocks import decode_codes, grid_of
+from lmslim.modelio.export.gguf_blocks import decode_codes, grid_of, round_on
 from lmslim.nn.scheme import dequantize, quantize_weight
 
 
@@ -84,7 +84,7 @@ def test_block_bytes_are_lmslims_rtn_codes(tmp_path, kind):
     for name, w, rows in (("blk.0.ffn_down.weight", model.model.layers[0].mlp.down_proj.weight, None),
                           ("blk.0.attn_k.weight", model.model.layers[0].self_attn.k_proj.weight, _rope_rows(32, 2))):
         w = w.detach() if rows is None else w.detach()[rows]
-        codes, scale, offset = quantize_weight(w, grid_of(kind))
+        codes, scale, offset = round_on(w, kind)
         raw = np.asarray(t[name].data)
         assert t[name].tensor_type == GGMLQuantizationType[kind.upper()]
         np.testing.assert_array_equal(decode_codes(raw, kind, tuple(w.shape)), codes.numpy())
@@ -192,3 +192,84 @@ def _text(tmp_path: Path) -> Path:
     p = tmp_path / "text.txt"
     p.write_text(" ".join(f"word{i % 37} and more text {i}" for i in range(400)))
     return p
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q5_0"])
+def test_kquant_blocks_round_trip_through_gguf_py_bit_exactly(kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from lmslim.modelio.export.gguf_kquants import quantize_kquant, quantize_q5_0
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 512)) * 0.02).astype(np.float32)
+    w[1, 3], w[2, 300], w[5, :256] = 0.4, -0.3, np.abs(w[5, :256])  # outliers and an all-positive super-block
+    importance = rng.uniform(0.1, 4, 512).astype(np.float32)
+    for imp in (None, importance):
+        raw, deq = quantize_q5_0(w, imp) if kind == "q5_0" else quantize_kquant(w, kind, imp)
+        # gguf-py's independent decoder reads exactly the values lmslim rounded to
+        np.testing.assert_array_equal(gguf_dequantize(raw, GGMLQuantizationType[kind.upper()]), deq)
+    err = float(((deq - w) ** 2).mean() / (w ** 2).mean())
+    assert 0 < err < {"q4_k": 0.01, "q5_0": 0.003, "q6_k": 0.0006}[kind]
+
+
+def test_q4_k_search_beats_ggml_reference_rounding_of_its_q5_0_fallback_and_q4_1():
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize as gguf_dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    from lmslim.modelio.export.gguf_kquants import quantize_kquant, quantize_q5_0
+
+    w = (np.random.default_rng(1).standard_normal((16, 1024)) * 0.02).astype(np.float32)
+
+    def err(deq):
+        return float(((deq - w) ** 2).mean())
+
+    ref = {k: err(gguf_dequantize(gguf_quantize(w, T[k]), T[k])) for k in ("Q5_0", "Q4_1")}
+    assert err(quantize_q5_0(w)[1]) < ref["Q5_0"]  # the search starts at ggml's rule and keeps the better
+    assert err(quantize_kquant(w, "q4_k")[1]) < ref["Q4_1"]  # 4.5 bits with 6-bit sub-scales vs 5 bits
+
+
+def test_q4_0_rounds_on_all_16_codes_of_ggml_grid():
+    w = torch.randn(64, 256)
+    codes, scale, offset = round_on(w, "q4_0")
+    assert set(codes.unique().tolist()) == set(range(16))  # 15 codes was the old max/7 grid
+    assert torch.equal(offset, -8 * scale)
+    # where ggml's signed rule is chosen, the block's largest-magnitude weight lands exactly on code 0
+    blocks = w.reshape(64, 8, 32)
+    peak = blocks.gather(2, blocks.abs().argmax(2, keepdim=True))[..., 0]
+    signed = torch.isclose(scale, (peak / -8).half().float())
+    assert signed.float().mean() > 0.5
+    assert (codes.reshape(64, 8, 32).gather(2, blocks.abs().argmax(2, keepdim=True))[..., 0][signed] == 0).all()
+    q_max7 = quantize_weight(w, grid_of("q4_0").__class__(4, 32, symmetric=True))[0]
+    assert q_max7.max() < 15 or q_max7.min() > 0  # the plain symmetric rule never uses both ends
+
+
+def test_q4_k_m_mix_follows_llama_cpp_types_and_falls_back_on_rows_of_576(tmp_path):
+    from gguf import GGMLQuantizationType as T
+
+    model, tok = tiny_llama(hidden=256, ff=512)
+    report = export_model(model, tok, "gguf", tmp_path / "m.gguf", GGUFExportConfig(type="q4_k_m"))
+    _, t = read(tmp_path / "m.gguf")
+    # llama.cpp's use_more_bits with 2 layers: layer 1 (the last eighth) gets q6_k, layer 0 does not
+    assert t["blk.1.ffn_down.weight"].tensor_type == T.Q6_K and t["blk.0.ffn_down.weight"].tensor_type == T.Q4_K
+    assert t["blk.0.attn_q.weight"].tensor_type == T.Q4_K
+    assert t["token_embd.weight"].tensor_type == T.Q6_K and report["fallbacks"] == {}
+    narrow, tok = tiny_llama(hidden=96, ff=512)  # rows of 96 cannot hold 256-blocks: llama.cpp's fallbacks
+    report = export_model(narrow, tok, "gguf", tmp_path / "n.gguf", GGUFExportConfig(type="q4_k_m"))
+    _, t = read(tmp_path / "n.gguf")
+    assert t["blk.0.attn_q.weight"].tensor_type == T.Q5_0 and t["blk.1.ffn_down.weight"].tensor_type == T.Q6_K
+    assert t["blk.1.attn_v.weight"].tensor_type == T.Q8_0 and report["fallbacks"]["q4_k->q5_0"] > 0
+
+
+def test_cli_refuses_a_type_the_shape_cannot_take_and_gptq_on_a_k_quant(tmp_path):
+    from lmslim.cli.main import main
+
+    model, tok = tiny_llama(hidden=40, ff=128)  # rows of 40: no 32-blocks at all
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    assert main(["export", str(src), "--type", "q4_k", "--out", str(tmp_path / "a.gguf")]) == 2
+    assert main(["export", str(src), "--type", "q4_k", "--method", "gptq", "--out", str(tmp_path / "b.gguf")]) == 2
+    assert main(["export", str(src), "--type", "q3_k", "--out", str(tmp_path / "c.gguf")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -45,12 +45,11 @@ from torch import nn
 from lmslim.core.errors import UserError
 from lmslim.modelio.export import Exporter, register_exporter
 from lmslim.modelio.export.gguf_blocks import (BLOCK, BLOCK_TYPES, FLOAT_TYPES, GGUF_TYPES, MIX_TYPES, check_type,
-                                               encode_codes, fits_grid, ggml_type, grid_of, mix_type, storable_type)
+                                               encode_codes, fits_grid, ggml_type, mix_type, round_on, storable_type)
 from lmslim.modelio.export.gguf_kquants import quantize_kquant, quantize_q5_0
 from lmslim.modelio.export.gguf_vocab import add_tokenizer
 from lmslim.nn.blocks import family, transformer_blocks
 from lmslim.nn.quant_linear import QuantLinear, linear_weight
-from lmslim.nn.scheme import quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +208,12 @@ def _encode(t: _Tensor, kind: str, config: GGUFExportConfig) -> tuple[np.ndarray
         glob = re.sub(r"^blk\.\d+\.", "blk.*.", t.name)
         raise UserError(f"{t.name} has rows of {w.shape[-1]} weights, which {kind}'s blocks of {BLOCK} do not "
                         f"divide; keep it wider, e.g. --tensor-type '{glob}=f16'")
+    imp = (config.importance or {}).get(t.name)
     if kind not in BLOCK_TYPES:  # q5_0 and the k-quants: lmslim's searches in gguf_kquants
-        imp = (config.importance or {}).get(t.name)
         w = w.numpy()
         raw = quantize_q5_0(w, imp)[0] if kind == "q5_0" else quantize_kquant(w, kind, imp)[0]
         return raw, ggml_type(kind)
-    codes, scale, offset = quantize_weight(w, grid_of(kind), config.clip_search)
+    codes, scale, offset = round_on(w, kind, config.clip_search, imp)
     return encode_codes(codes, scale, offset, kind), ggml_type(kind)
 
 
@@ -303,4 +302,4 @@ def _write(model, tokenizer, path: Path, options: GGUFExportConfig | None) -> di
     return write_gguf(model, tokenizer, path, options or GGUFExportConfig())
 
 
-register_exporter(Exporter("gguf", ".gguf", GGUF_TYPES, _write))
+register_exporter(Exporter("gguf", ".gguf", GGUF_TYPES, _write, config=GGUFExportConfig, engine="llama.cpp"))

@@ -133,7 +133,7 @@ def _encode_q4k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return raw, deq
 
 
-def _signed_fit(xs: np.ndarray, ws: np.ndarray, half: int) -> np.ndarray:
+def signed_fit(xs: np.ndarray, ws: np.ndarray, half: int) -> np.ndarray:
     """Scale per row of ``xs`` for codes ``−half … half−1`` (ggml's signed rule, then a search).
 
     Starts from the signed extreme on code ``−half`` (``d = m / −half``), tries slightly narrower and
@@ -142,13 +142,12 @@ def _signed_fit(xs: np.ndarray, ws: np.ndarray, half: int) -> np.ndarray:
     peak = np.take_along_axis(xs, np.abs(xs).argmax(1)[:, None], 1)[:, 0]
     best_s, best_err = peak / -half, np.full(len(xs), np.inf, np.float32)
     for step in range(_STEPS + 1):
-        s = peak / (-half + half / 8 * (step / _STEPS - 0.5))
-        safe = np.where(s != 0, s, 1)[:, None]
-        q = np.clip(np.rint(xs / safe), -half, half - 1)
-        num, den = (ws * q * xs).sum(1), (ws * q * q).sum(1)
-        s = np.where(den > 0, num / np.maximum(den, 1e-30), s)  # least-squares scale for these codes
-        safe = np.where(s != 0, s, 1)[:, None]
-        err = (ws * (np.clip(np.rint(xs / safe), -half, half - 1) * s[:, None] - xs) ** 2).sum(1)
+        s = peak / (-half + half / 4 * (step / _STEPS - 0.5))  # ±1/8 of the range around the rule
+        q = np.clip(np.rint(xs / np.where(s != 0, s, 1)[:, None]), -half, half - 1)
+        den = (ws * q * q).sum(1)
+        s = np.where(den > 0, (ws * q * xs).sum(1) / np.maximum(den, 1e-30), s)  # least squares for these codes
+        q = np.clip(np.rint(xs / np.where(s != 0, s, 1)[:, None]), -half, half - 1)
+        err = (ws * (q * s[:, None] - xs) ** 2).sum(1)
         better = err < best_err
         best_err, best_s = np.where(better, err, best_err), np.where(better, s, best_s)
     return best_s.astype(np.float32)
@@ -157,14 +156,14 @@ def _signed_fit(xs: np.ndarray, ws: np.ndarray, half: int) -> np.ndarray:
 def quantize_q5_0(weight: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q5_0 blocks (22 bytes per 32: fp16 d, 32 high bits, 16 bytes of nibbles) and their values.
 
-    ``w = d·(q − 16)``; the scale is ``_signed_fit``'s search (llama.cpp's reference rule is its start).
+    ``w = d·(q − 16)``; the scale is ``signed_fit``'s search (llama.cpp's reference rule is its start).
     """
     rows, cols = weight.shape
     if cols % 32:
         raise UserError(f"rows of {cols} weights do not split into q5_0's blocks of 32")
     xs = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, 32)  # (rows·cols/32, 32)
     ws = _weights(importance, rows, cols, 32)
-    d = _signed_fit(xs, ws, 16).astype(np.float16).astype(np.float32)
+    d = signed_fit(xs, ws, 16).astype(np.float16).astype(np.float32)
     q = np.clip(np.rint(xs / np.where(d != 0, d, 1)[:, None]), -16, 15)
     q = (np.where(d[:, None] != 0, q, 0) + 16).astype(np.uint8)  # (B, 32) codes 0..31
     nib = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
@@ -188,7 +187,7 @@ def _q6k_grid(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     """Q6_K: d (S,), int8 sc (S, 16), codes 0..63 (S, 256) for ``x`` (S, 256)."""
     n_sb = len(x)
     xs, ws = x.reshape(-1, 16), w.reshape(-1, 16)  # (S·16, 16)
-    best_s = _signed_fit(xs, ws, 32)
+    best_s = signed_fit(xs, ws, 32)
     sub = best_s.reshape(n_sb, 16).astype(np.float32)
     ext = np.take_along_axis(sub, np.abs(sub).argmax(1)[:, None], 1)[:, 0]
     d = (ext / -128).astype(np.float16).astype(np.float32)  # the extreme sub-scale lands on −128

@@ -56,6 +56,10 @@ def main() -> None:
     from lmslim.modelio.export.gguf import GGUFExportConfig
     from lmslim.modelio.export.gguf_imatrix import activation_importance
 
+    import torch
+
+    # One PyTorch thread: on a shared 2-core machine two contending threads made the exports ~10× slower.
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     lm = load_model("builtin:smollm2-135m")
     ids = calibration_ids(lm.tokenizer, load_data("builtin:wiki:train", task="clm").documents, 32, 256)
@@ -64,7 +68,9 @@ def main() -> None:
     def mine(name, **kw):
         path = o / f"lmslim-{name}.gguf"
         if not path.exists():
+            t = time.perf_counter()
             export_model(lm.model, lm.tokenizer, "gguf", path, GGUFExportConfig(**kw))
+            print(f"exported {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
         return path
 
     def theirs(ftype, imatrix=False):

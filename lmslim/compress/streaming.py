@@ -114,6 +114,11 @@ class BlockStream:
     def release(self, index: int, block: nn.Module) -> None:
         self.writer.write(module_tensors(block, f"{self.source.path}.{index}."))
         block.to("meta")
+        for mod in block.modules():  # kernel state (prepacked int8 weights, unpacked codes) is no parameter
+            if isinstance(mod, QuantLinear):  # or buffer, so .to("meta") leaves it: drop it
+                for key, value in list(vars(mod).items()):
+                    if isinstance(value, (torch.Tensor, torch.ScriptObject)):
+                        setattr(mod, key, None)
 
     def captured(self) -> None:
         """After the first block's inputs are captured: write and free what lies outside the blocks.

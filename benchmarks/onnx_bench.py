@@ -13,7 +13,7 @@ round after one warm-up round; the median per variant is reported.
 
 Usage:
     nice .venv/bin/python benchmarks/onnx_bench.py [--out runs/onnx-bench] [--max-tokens 1024] [--rounds 5]
-        [--gen 32] [--threads 2]
+        [--gen 32] [--threads 2] [--no-ppl]
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-ppl", action="store_true", help="decode only (perplexity does not depend on threads)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -117,7 +118,7 @@ def main() -> None:
     rows = []
     for name, engine, runner, size in variants:
         t0 = time.perf_counter()
-        ppl = perplexity(runner, tok, docs, max_tokens=args.max_tokens)["perplexity"]
+        ppl = float("nan") if args.no_ppl else perplexity(runner, tok, docs, max_tokens=args.max_tokens)["perplexity"]
         print(f"{engine:12s} {name:18s} ppl {ppl:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append({"variant": name, "engine": engine, "size_mb": size, "perplexity": ppl, "decode": {}})
     prompts = {n: _prompt(49152, BenchConfig(prompt_len=n), torch.device("cpu")).numpy() for n in (8, 128)}

@@ -146,7 +146,8 @@ def test_per_layer_shapes_export_and_match(tmp_path):
     m, tok = tiny_llama(init=0.25, seed=2)
     prune_(m, PRUNERS.config_class("heads")(drop_heads=2), torch.randint(10, 250, (2, 32)))
     mlp = m.model.layers[1].mlp  # layer 1 keeps 96 of 128 FFN channels
-    mlp.gate_proj, mlp.up_proj = new_linear_like(mlp.gate_proj, 96, 64, False), new_linear_like(mlp.up_proj, 96, 64, False)
+    mlp.gate_proj = new_linear_like(mlp.gate_proj, 96, 64, False)
+    mlp.up_proj = new_linear_like(mlp.up_proj, 96, 64, False)
     mlp.down_proj = new_linear_like(mlp.down_proj, 64, 96, False)
     for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
         torch.nn.init.normal_(lin.weight, std=0.25)  # new_linear_like leaves the weights unset

@@ -152,7 +152,8 @@ def write_onnx(model, tokenizer, folder: Path, config: ONNXExportConfig) -> dict
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     size = sum(p.stat().st_size for p in folder.iterdir() if p.name in (MODEL_FILE, DATA_FILE))
     log.info("onnx export: %d nodes, %d MatMulNBits, %.1f MB", len(proto.graph.node), tally["matmul_nbits"], size / 1e6)
-    return {"format": "onnx", "type": config.type, "nodes": len(proto.graph.node), "matmul_nbits": tally["matmul_nbits"],
+    return {"format": "onnx", "type": config.type, "nodes": len(proto.graph.node),
+            "matmul_nbits": tally["matmul_nbits"],
             "layers": layers, "bytes": size}
 
 

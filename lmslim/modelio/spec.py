@@ -151,6 +151,8 @@ def validate_folder(path: Path) -> None:
         raise UserError(f"{cfg} is not valid JSON ({e}); re-export the model") from e
     safetensors = sorted(path.glob("*.safetensors"))
     if not safetensors and not list(path.glob("pytorch_model*.bin")):
+        if (path / "model.onnx").is_file():  # an lmslim ONNX export: it runs in ONNX Runtime, not PyTorch
+            raise UserError(f"{path} is an ONNX export; run it with --engine onnxruntime")
         raise UserError(f"{path} has a config.json but no weights (*.safetensors or pytorch_model.bin)")
     for f in safetensors:
         check_safetensors(f)

@@ -211,7 +211,7 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
     model, tokenizer, hf_config = source.model, source.tokenizer, source.model.config
     if callable(calib):
         calib = calib(tokenizer)
-    if calib is not None:
+    if calib is not None and getattr(config, "needs_calibration", False):
         batch = min(int(getattr(config, "batch_size", calib.shape[0])), calib.shape[0])
         one = batch * calib.shape[1] * hf_config.hidden_size * torch.finfo(runtime.dtype).bits // 8
         if max_activation_mb * 1e6 / 2 < one:

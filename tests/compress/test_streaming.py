@@ -87,7 +87,7 @@ def test_streamed_output_loads_in_transformers_as_the_in_memory_output(sharded, 
     assert torch.allclose(streamed, load_model(str(tmp_path / "s")).model(ids).logits, atol=0.05)
 
 
-@pytest.mark.parametrize("config", [SparseGPTConfig(n_m="2:4", batch_size=4), SparseGPTConfig(sparsity=0.5),
+@pytest.mark.parametrize("config", [SparseGPTConfig(n_m="2:4", batch_size=4), SparseGPTConfig(sparsity=0.5, batch_size=3),
                                     WandaConfig(sparsity=0.6, batch_size=4)], ids=["sparsegpt-2:4", "sparsegpt",
                                                                                   "wanda"])
 def test_streamed_pruning_gives_the_in_memory_weights(sharded, tmp_path, config):

@@ -34,11 +34,16 @@ def export_cmd(
                                        "q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, q4_k_m; onnx f32 (default), int8, int4."),
     method: Optional[str] = typer.Option(None, "--method", help="How float weights are rounded onto a block type: "
                                          "rtn (default) | gptq (gguf; calibrated on --calib)."),
-    calib: str = typer.Option("builtin:wiki:train", "--calib", help="gptq: calibration text."),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="gptq: samples (default 128)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="gptq: tokens per calibration sample (default 512)."),
+    calib: str = typer.Option("builtin:wiki:train", "--calib", help="gptq / --importance: calibration text."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="gptq / --importance: samples "
+                                                "(default 128)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="gptq / --importance: tokens per calibration "
+                                          "sample (default 512)."),
     clip_search: Optional[bool] = typer.Option(None, "--clip-search/--no-clip-search", help="gguf: shrink each "
                                                "block's range where that lowers its rounding error."),
+    importance: Optional[bool] = typer.Option(None, "--importance/--no-importance", help="gguf: weight each block's "
+                                              "rounding error by --calib's mean squared input per column (as "
+                                              "llama.cpp's imatrix)."),
     embed_type: Optional[str] = typer.Option(None, "--embed-type", help="gguf: type of token_embd/output (default: "
                                              "q8_0 under q4_0/q4_1/q5_0, q6_k under a k-quant, else --type)."),
     tensor_types: list[str] = typer.Option([], "--tensor-types", "--tensor-type", help="gguf: GLOB=TYPE for GGUF "

@@ -43,6 +43,8 @@ class ExportConfig:
         method: rtn | gptq (gptq calibrates on the recipe's calibration data; gguf block types only).
         calib_samples, seq_len: gptq calibration size.
         clip_search: gguf: shrink each block's range where that lowers its rounding error.
+        importance: gguf: weight each block's rounding error by the calibration data's mean squared input
+            per column (what llama.cpp's imatrix collects; ``gguf_imatrix``).
         embed_type: gguf: type of token_embd/output.
         tensor_types: gguf: ``GLOB=TYPE`` on GGUF tensor names, first match wins.
         group_size, lm_head, int8_compute: onnx options (see ``ONNXExportConfig``).
@@ -54,6 +56,7 @@ class ExportConfig:
     calib_samples: int = 128
     seq_len: int = 512
     clip_search: bool | None = None
+    importance: bool | None = None
     embed_type: str | None = None
     tensor_types: tuple[str, ...] = ()
     group_size: int | None = None
@@ -79,10 +82,13 @@ class ExportConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method == "gptq" or bool(self.importance)
 
-    def format_config(self) -> Any:
-        """The chosen exporter's own options object, from the keys it takes (an error names the others)."""
+    def format_config(self, importance: Any = None) -> Any:
+        """The chosen exporter's own options object, from the keys it takes (an error names the others).
+
+        ``importance``: the per-column statistics ``importance: true`` asks for (computed by ``export_``).
+        """
         from lmslim.modelio.export import exporter_names, get_exporter
 
         if self.format not in exporter_names():
@@ -92,12 +98,14 @@ class ExportConfig:
         takes = {f.name for f in dataclasses.fields(cls)}
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if f.name not in ("format", "method", "calib_samples", "seq_len")
-                 and getattr(self, f.name) not in (None, ())}
+                 and getattr(self, f.name) not in (None, (), False if f.name == "importance" else None)}
         unknown = sorted(set(given) - takes)
         if unknown:
             raise UserError(f"export format {self.format} does not take {', '.join(unknown)}")
         if "tensor_types" in given:
             given["tensor_types"] = tuple(_glob_type(item) for item in given["tensor_types"])
+        if given.pop("importance", None):
+            given["importance"] = importance  # the statistics, not the flag (None while only validating)
         return cls(**given)
 
 
@@ -118,12 +126,16 @@ def export_(model, tokenizer, config: ExportConfig, path: Path, calib_ids=None) 
 
     if config.format == "hf":
         raise UserError("export format hf is the saved model folder itself; there is no file to write")
-    fmt_config = config.format_config()
-    calibrated = 0
-    if config.method == "gptq":
-        if calib_ids is None:
-            raise UserError("export method gptq needs calibration data (--calib SPEC)")
-        calibrated = _gptq_on_grid(model, fmt_config, calib_ids)
+    if config.needs_calibration and calib_ids is None:
+        raise UserError(f"export with {'method gptq' if config.method == 'gptq' else 'importance'} needs calibration "
+                        "data (--calib SPEC)")
+    stats = None
+    if config.importance:  # statistics of the float model, before GPTQ changes it
+        from lmslim.modelio.export.gguf_imatrix import activation_importance
+
+        stats = activation_importance(model, calib_ids)
+    fmt_config = config.format_config(stats)
+    calibrated = _gptq_on_grid(model, fmt_config, calib_ids) if config.method == "gptq" else 0
     report = export_model(model, tokenizer, config.format, Path(path), fmt_config)
     return {**report, "format": config.format, "method": config.method, "gptq_matrices": calibrated}
 

@@ -58,7 +58,28 @@ def test_export_stage_is_measured_in_its_engine(tmp_path, text_file, capsys, fmt
     ({"format": "tflite"}, "unknown export format"),
     ({"format": "onnx", "method": "gptq"}, "quantize the model with lmslim quantize first"),
     ({"format": "gguf", "tensor_types": ["blk.*"]}, "GLOB=TYPE"),
+    ({"format": "onnx", "importance": True}, "export format onnx does not take importance"),
 ])
 def test_bad_export_options_are_user_errors(options, message):
     with pytest.raises(UserError, match=message):
         ExportConfig(**options)
+
+
+def test_importance_weights_the_rounding_with_calibration_statistics(tmp_path):
+    """importance: true computes E[x²] per column on the calibration ids; the rounding it steers differs."""
+    import torch
+
+    from lmslim.compress.export import export_
+    from lmslim.modelio import load_model
+
+    cfg = dict(format="gguf", type="q4_0", tensor_types=("blk.*.ffn_down.weight=f16",))
+    assert ExportConfig(**cfg, importance=True).needs_calibration and not ExportConfig(**cfg).needs_calibration
+    ids = torch.randint(10, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+    files = {}
+    for imp in (False, True):
+        lm = load_model("builtin:tiny-llama")
+        files[imp] = tmp_path / f"{imp}.gguf"
+        export_(lm.model, lm.tokenizer, ExportConfig(**cfg, importance=imp), files[imp], ids if imp else None)
+    assert files[True].read_bytes() != files[False].read_bytes()
+    with pytest.raises(UserError, match="needs calibration"):
+        export_(lm.model, lm.tokenizer, ExportConfig(**cfg, importance=True), tmp_path / "x.gguf")

@@ -38,7 +38,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -101,6 +101,7 @@ class BlockStream:
     outside_written: bool = False
     peak_block_bytes: int = 0
     spilled_bytes: int = 0
+    _loaded: list = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -108,12 +109,17 @@ class BlockStream:
 
     def load(self, index: int, block: nn.Module) -> None:
         self.source.load_block(index)  # the driver's ``block`` is this model's own block ``index``
+        # every module the block holds now: a technique may swap some out (GPTQ puts QuantLinear in
+        # place of nn.Linear) while its handler still refers to the old ones, whose weights must go too
+        self._loaded = list(block.modules())
         size = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
         self.peak_block_bytes = max(self.peak_block_bytes, size)
 
     def release(self, index: int, block: nn.Module) -> None:
         self.writer.write(module_tensors(block, f"{self.source.path}.{index}."))
-        block.to("meta")
+        for mod in [*self._loaded, block]:
+            mod.to("meta")
+        self._loaded = []
         for mod in block.modules():  # kernel state (prepacked int8 weights, unpacked codes) is no parameter
             if isinstance(mod, QuantLinear):  # or buffer, so .to("meta") leaves it: drop it
                 for key, value in list(vars(mod).items()):

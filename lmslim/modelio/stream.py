@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,15 @@ class ShardWriter:
         path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
         state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(state, str(path), metadata={"format": "pt"})
+        # Written pages are charged to the process's memory (cgroup) until written back: flush the
+        # shard and drop it from the page cache, so output larger than memory does not count against it.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
         self.total += sum(v.numel() * v.element_size() for v in state.values())
         self.shards.append((path, list(state)))
 

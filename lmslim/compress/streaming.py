@@ -69,7 +69,7 @@ def check_streamable(stage: str, method: str, config: Any) -> None:
 
 def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """What a (possibly quantized) module saves: compressed-tensors tensors for each ``QuantLinear``."""
-    from lmslim.modelio.formats.compressed_tensors import _module_tensors
+    from lmslim.modelio.formats.compressed_tensors import module_tensors as grid_tensors
 
     quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
     out = {}
@@ -85,7 +85,7 @@ def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         out[prefix + key] = t
     for name, mod in quant.items():
         if not mod.scale.is_meta:
-            out.update({f"{prefix}{name}.{k}": v for k, v in _module_tensors(mod).items()})
+            out.update({f"{prefix}{name}.{k}": v for k, v in grid_tensors(mod).items()})
     return out
 
 

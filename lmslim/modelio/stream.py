@@ -302,13 +302,13 @@ class StreamedModel:
 
     def load_outside(self) -> None:
         """Embedding, final norm, LM head and computed buffers: everything but the blocks."""
-        from lmslim.modelio.formats.meta_load import _compute_buffers
+        from lmslim.modelio.formats.meta_load import compute_buffers
 
         state = self._state(self.reader.load("", exclude=(self.path + ".",)), "")
         _, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
-        _compute_buffers(self.model)
+        compute_buffers(self.model)
         inside = self.path + "."
         missing = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
                    if t.is_meta and not n.startswith(inside)]
@@ -327,10 +327,8 @@ def _quant_linear(name: str, spec: dict, tensors: dict[str, torch.Tensor], folde
     from lmslim.modelio.formats import compressed_tensors as ct
     from lmslim.nn.quant_linear import QuantLinear
 
-    if hasattr(ct, "_grid_of"):
-        grid = ct._grid_of(name, spec, tensors, folder)
-        return QuantLinear.from_packed(**grid, bias=tensors.get("bias"), kernel=spec["kernel"])
-    return ct._to_quant_linear(name, spec, tensors, folder)  # the format module before packed grids
+    grid = ct.read_grid(name, spec, tensors, folder)
+    return QuantLinear.from_packed(**grid, bias=tensors.get("bias"), kernel=spec["kernel"])
 
 
 def open_streamed(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

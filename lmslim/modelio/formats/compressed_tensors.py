@@ -136,7 +136,7 @@ def storage_format(mod: QuantLinear) -> str:
     return "pack-quantized" if mod.scheme.symmetric else "int-quantized"
 
 
-def _module_tensors(mod: QuantLinear) -> dict[str, torch.Tensor]:
+def module_tensors(mod: QuantLinear) -> dict[str, torch.Tensor]:
     pack_to_int32, _ = _ct()
     half = mod.scheme.half
     q = (mod.codes().to(torch.int16) - half).to(torch.int8)  # (out, in) signed codes
@@ -190,7 +190,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     skip = set(quant) | tied_heads(model)
     state = {k: v for k, v in unique_state_dict(model).items() if k.rpartition(".")[0] not in skip}
     for name, mod in quant.items():
-        state.update({f"{name}.{k}": v for k, v in _module_tensors(mod).items()})
+        state.update({f"{name}.{k}": v for k, v in module_tensors(mod).items()})
     save_config_and_tokenizer(model, tokenizer, folder)
     path = Path(folder) / "config.json"
     data = json.loads(path.read_text())
@@ -201,7 +201,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _grid_of(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
+def read_grid(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
     """One stored module's grid in lmslim's layout: packed codes, (out, G) scale and offset, scheme."""
     scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
     out, k = spec["out"], spec["in"]
@@ -271,7 +271,7 @@ def load_compressed(folder: Path, config: Any, auto_class: Any, dtype: torch.dty
             (leaves[owner].append(leaf) if owner in leaves else state_keys.append(key))
         for name, spec in [*modules.items(), *embeddings.items()]:  # one module's stored tensors at a time
             tensors = {leaf: stored.read(f"{name}.{leaf}") for leaf in leaves[name]}
-            grid = _grid_of(name, spec, tensors, folder)
+            grid = read_grid(name, spec, tensors, folder)
             if name in modules:
                 mod = QuantLinear.from_packed(**grid, bias=tensors.get("bias"), kernel=spec["kernel"])
             else:

@@ -105,7 +105,7 @@ def fill(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *, dtyp
         model.tie_weights()  # (a quantized table and its head were tied when they were built)
     if retie is not None:
         retie(model)
-    _compute_buffers(model)
+    compute_buffers(model)
     missing = sorted(n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta)
     if missing or unexpected:
         raise UserError(f"{folder}: stored weights do not match the recorded layout (missing {missing[:3]}, "
@@ -121,7 +121,7 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _compute_buffers(model: nn.Module) -> None:
+def compute_buffers(model: nn.Module) -> None:
     """Give every buffer still on meta (non-persistent ones: not in any file) real storage and its value.
 
     transformers computes these in its ``_init_weights`` (which it also runs on meta-built models),

@@ -7,19 +7,14 @@ missing engine fails there instead of skipping).
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-try:
-    import llama_cpp  # noqa: F401
-except ImportError:
-    if os.environ.get("LMSLIM_REQUIRE_ENGINES"):
-        raise
-    pytest.skip("llama-cpp-python is not installed (pip install 'lmslim[engines]'); set LMSLIM_REQUIRE_ENGINES=1 "
-                "to make this a failure", allow_module_level=True)
+from tests.engines import require_engines  # noqa: E402
+
+require_engines("llama_cpp")
 
 from lmslim.measure.engines.llama_cpp import LlamaCppLM, bench_gguf, gguf_tokenizer, perplexity_gguf
 from lmslim.measure.eval import perplexity

@@ -7,20 +7,16 @@ missing engine fails there instead of skipping).
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-try:
-    import onnx  # noqa: F401
-    import onnxruntime  # noqa: F401
-except ImportError:
-    if os.environ.get("LMSLIM_REQUIRE_ENGINES"):
-        raise
-    pytest.skip("onnx/onnxruntime are not installed (pip install 'lmslim[engines]'); set LMSLIM_REQUIRE_ENGINES=1 "
-                "to make this a failure", allow_module_level=True)
+from tests.engines import require_engines  # noqa: E402
+
+require_engines("onnx", "onnxruntime")
+
+import onnxruntime  # noqa: E402
 
 from lmslim.measure.engines.onnxruntime import bench_onnx, perplexity_onnx
 from lmslim.measure.eval import perplexity

@@ -7,20 +7,16 @@ missing engine fails there instead of skipping). Perplexity and bench: tests/mea
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
-try:
-    import onnx
-    import onnxruntime  # noqa: F401
-except ImportError:
-    if os.environ.get("LMSLIM_REQUIRE_ENGINES"):
-        raise
-    pytest.skip("onnx/onnxruntime are not installed (pip install 'lmslim[engines]'); set LMSLIM_REQUIRE_ENGINES=1 "
-                "to make this a failure", allow_module_level=True)
+from tests.engines import require_engines  # noqa: E402
+
+require_engines("onnx", "onnxruntime")
+
+import onnx  # noqa: E402
 
 from lmslim.core.errors import UserError
 from lmslim.measure.engines.onnxruntime import empty_cache, export_meta, session

@@ -5,7 +5,6 @@ LMSLIM_REQUIRE_ENGINES is unset (CI sets it).
 """
 
 import json
-import os
 
 import pytest
 
@@ -14,14 +13,9 @@ from lmslim.core.errors import UserError
 from lmslim.cli.main import main
 from tests.recipes.test_run import write_recipe
 
-try:
-    import llama_cpp  # noqa: F401
-    import onnxruntime  # noqa: F401
-except ImportError:
-    if os.environ.get("LMSLIM_REQUIRE_ENGINES"):
-        raise
-    pytest.skip("llama-cpp-python / onnxruntime are not installed (pip install 'lmslim[engines]')",
-                allow_module_level=True)
+from tests.engines import require_engines  # noqa: E402
+
+require_engines("llama_cpp", "onnxruntime")
 
 EXPORTS = {
     "gguf": ({"format": "gguf", "type": "q8_0", "tensor_types": ["blk.*.ffn_down.weight=f16"]}, "model.gguf",

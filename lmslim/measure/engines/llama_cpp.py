@@ -19,16 +19,13 @@ Example (needs ``pip install 'lmslim[engines]'``):
 
 from __future__ import annotations
 
-import json
-import statistics
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from lmslim.core.errors import UserError
+from lmslim.measure.engines.common import bench_fields, envelope, run_worker
 
 _KV_BYTES = 2  # llama.cpp's default KV cache type is f16
 
@@ -157,8 +154,7 @@ def bench_gguf(path: Path, cfg, threads: int) -> dict[str, Any]:
     """Cost of running a GGUF file in llama.cpp; the fields of ``lmslim.measure.bench.bench``."""
     import torch
 
-    from lmslim.measure import cost
-    from lmslim.measure.bench import _prompt, measure_bandwidth, percentile, verdict
+    from lmslim.measure.bench import _prompt
 
     require_llama_cpp()
     if cfg.batch != 1:
@@ -172,58 +168,19 @@ def bench_gguf(path: Path, cfg, threads: int) -> dict[str, Any]:
     prompt = _prompt(vocab, cfg, torch.device("cpu"))[0].tolist()
     args = {"path": str(path), "prompt": prompt, "gen_len": cfg.gen_len, "repeats": cfg.repeats,
             "warmup": cfg.warmup, "threads": threads}
-    worker = Path(__file__).with_name("llama_cpp_worker.py")
-    proc = subprocess.run([sys.executable, str(worker)], input=json.dumps(args), capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"llama.cpp could not run {path}: {last}")
-    run = json.loads(proc.stdout)
-    shape = gguf_shape(meta)
-    context = cfg.prompt_len + cfg.gen_len // 2
-    prefill = run["prefill_ms"]
-    bandwidth = measure_bandwidth()
-    bytes_tok = cost.bytes_read_per_token(shape, context)
-    bound = bandwidth * 1e9 / bytes_tok
-    rate = statistics.median(run["decode_rates"])
-    result: dict[str, Any] = {
-        "prefill_ms_p50": statistics.median(prefill), "prefill_ms_p95": percentile(prefill, 95),
-        "prefill_tokens_per_s": cfg.prompt_len / (statistics.median(prefill) / 1000),
-        "decode_tokens_per_s": rate,
-        "decode_ms_per_token_p50": statistics.median(run["decode_steps_ms"]),
-        "decode_ms_per_token_p95": percentile(run["decode_steps_ms"], 95),
-        "peak_rss_mb": run["peak_rss_mb"], "size_mb": path.stat().st_size / 1e6,
-        "params": shape.params, "nonzero_params": shape.nonzero_params,
-        "flops_per_token": cost.flops_per_token(shape, context),
-        "prefill_flops": cost.forward_flops(shape, cfg.prompt_len),
-        "train_flops_per_token": cost.training_flops_per_token(shape, cfg.prompt_len),
-        "bytes_read_per_token": bytes_tok, "bandwidth_gbs": bandwidth,
-        "decode_bound_tokens_per_s": bound, "fraction_of_bound": rate / bound,
-        "prefill_gflops_per_s": cost.forward_flops(shape, cfg.prompt_len) / (statistics.median(prefill) / 1000) / 1e9,
-        "context_for_cost": context, "load_seconds": run["load_seconds"],
-    }
+    run = run_worker(Path(__file__).with_name("llama_cpp_worker.py"), args, "llama.cpp", path)
+    result = bench_fields(run, gguf_shape(meta), cfg, path.stat().st_size, "llama.cpp (its own kernels and threads)")
     counts: dict[str, int] = {}
     for v in meta["tensors"].values():
         counts[v[3]] = counts.get(v[3], 0) + 1
     result["gguf_types"] = counts
-    result["notes"] = verdict(result, True) + [
-        "measured in llama.cpp (its own kernels and threads) in a separate process: peak_rss_mb is that "
-        "process's, load included; exact zeros in the weights are not counted (nonzero_params = params)"]
     return result
 
 
 def envelope_gguf(kind: str, spec: str, path: Path, threads: int) -> dict[str, Any]:
     """The result header (``meta.envelope``'s fields) for a GGUF file measured in llama.cpp."""
-    import time
-
     from lmslim.core.io import sha256_file
-    from lmslim.measure.meta import libraries, machine
 
-    info = engine_info()
-    libs = libraries()
-    libs["llama-cpp-python"] = metadata.version("llama-cpp-python")
-    mach = machine("cpu")
-    mach["engine_threads"] = threads
-    return {"kind": kind, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"spec": spec, "source": "gguf", "path": str(path), "weights_sha256": sha256_file(path),
-                      "architecture": f"llama.cpp:{gguf_meta(path)['architecture']}"},
-            "machine": mach, "libraries": libs, "engine": info}
+    return envelope(kind, spec, path, threads, source="gguf", architecture=f"llama.cpp:{gguf_meta(path)['architecture']}",
+                    weights_sha256=sha256_file(path), info=engine_info(),
+                    library=("llama-cpp-python", metadata.version("llama-cpp-python")))

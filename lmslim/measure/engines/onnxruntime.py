@@ -21,14 +21,12 @@ Example (needs ``pip install 'lmslim[engines]'``):
 from __future__ import annotations
 
 import json
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from lmslim.core.errors import UserError
+from lmslim.measure.engines.common import bench_fields, envelope, run_worker
 from lmslim.modelio.export.onnx import DATA_FILE, META_KEY, MODEL_FILE
 
 
@@ -130,8 +128,7 @@ def bench_onnx(folder: Path, cfg, threads: int) -> dict[str, Any]:
     """Cost of running an ONNX export in ONNX Runtime; the fields of ``lmslim.measure.bench.bench``."""
     import torch
 
-    from lmslim.measure import cost
-    from lmslim.measure.bench import _prompt, measure_bandwidth, percentile, verdict
+    from lmslim.measure.bench import _prompt
 
     require_onnxruntime()
     folder = Path(folder)
@@ -143,58 +140,19 @@ def bench_onnx(folder: Path, cfg, threads: int) -> dict[str, Any]:
     args = {"folder": str(folder), "prompt": prompt, "gen_len": cfg.gen_len, "repeats": cfg.repeats,
             "warmup": cfg.warmup, "threads": threads, "head_dim": meta["cost"]["head_dim"],
             "kv_heads": [layer["kv_heads"] for layer in meta["layers"]]}
-    worker = Path(__file__).with_name("onnxruntime_worker.py")
-    proc = subprocess.run([sys.executable, str(worker)], input=json.dumps(args), capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"onnxruntime could not run {folder}: {last}")
-    run = json.loads(proc.stdout)
-    shape = onnx_shape(meta)
-    context = cfg.prompt_len + cfg.gen_len // 2
-    prefill = run["prefill_ms"]
-    bandwidth = measure_bandwidth()
-    bytes_tok = cost.bytes_read_per_token(shape, context)
-    bound = bandwidth * 1e9 / bytes_tok * cfg.batch
-    rate = statistics.median(run["decode_rates"])
-    result: dict[str, Any] = {
-        "prefill_ms_p50": statistics.median(prefill), "prefill_ms_p95": percentile(prefill, 95),
-        "prefill_tokens_per_s": cfg.batch * cfg.prompt_len / (statistics.median(prefill) / 1000),
-        "decode_tokens_per_s": rate,
-        "decode_ms_per_token_p50": statistics.median(run["decode_steps_ms"]),
-        "decode_ms_per_token_p95": percentile(run["decode_steps_ms"], 95),
-        "peak_rss_mb": run["peak_rss_mb"], "size_mb": export_size(folder) / 1e6,
-        "params": shape.params, "nonzero_params": shape.nonzero_params,
-        "flops_per_token": cost.flops_per_token(shape, context),
-        "prefill_flops": cost.forward_flops(shape, cfg.prompt_len, cfg.batch),
-        "train_flops_per_token": cost.training_flops_per_token(shape, cfg.prompt_len),
-        "bytes_read_per_token": bytes_tok, "bandwidth_gbs": bandwidth,
-        "decode_bound_tokens_per_s": bound, "fraction_of_bound": rate / bound,
-        "prefill_gflops_per_s": cost.forward_flops(shape, cfg.prompt_len, cfg.batch)
-        / (statistics.median(prefill) / 1000) / 1e9,
-        "context_for_cost": context, "load_seconds": run["load_seconds"],
-    }
+    run = run_worker(Path(__file__).with_name("onnxruntime_worker.py"), args, "onnxruntime", folder)
+    result = bench_fields(run, onnx_shape(meta), cfg, export_size(folder),
+                          "ONNX Runtime (CPU provider, its own kernels and threads)")
     result["onnx_type"] = meta["type"]
-    result["notes"] = verdict(result, True) + [
-        "measured in ONNX Runtime (CPU provider, its own kernels and threads) in a separate process: peak_rss_mb "
-        "is that process's, load included; exact zeros in the weights are not counted (nonzero_params = params)"]
     return result
 
 
 def envelope_onnx(kind: str, spec: str, folder: Path, threads: int) -> dict[str, Any]:
     """The result header (``meta.envelope``'s fields) for an ONNX export measured in ONNX Runtime."""
-    import time
-
     from lmslim.core.io import sha256_file
-    from lmslim.measure.meta import libraries, machine
 
     folder = Path(folder)
     info = engine_info()
-    libs = libraries()
-    libs["onnxruntime"] = info["version"]
-    mach = machine("cpu")
-    mach["engine_threads"] = threads
     weights = folder / DATA_FILE if (folder / DATA_FILE).is_file() else folder / MODEL_FILE
-    return {"kind": kind, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"spec": spec, "source": "onnx", "path": str(folder), "weights_sha256": sha256_file(weights),
-                      "architecture": f"onnx:llama ({export_meta(folder)['type']})"},
-            "machine": mach, "libraries": libs, "engine": info}
+    return envelope(kind, spec, folder, threads, source="onnx", architecture=f"onnx:llama ({export_meta(folder)['type']})",
+                    weights_sha256=sha256_file(weights), info=info, library=("onnxruntime", info["version"]))

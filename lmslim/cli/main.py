@@ -211,6 +211,9 @@ def quantize(
                                              help="Grid symmetry (default: symmetric for 8 bits, asymmetric below)."),
     minmax: Optional[bool] = typer.Option(None, "--minmax/--no-minmax", help="Asymmetric grid over each group's "
                                           "[min, max] (Q4_1) instead of an integer zero point."),
+    signed_scale: Optional[bool] = typer.Option(None, "--signed-scale/--no-signed-scale", help="rtn/gptq symmetric: "
+                                                "ggml's Q4_0/Q8_0 rule, all 2^bits codes (the signed largest "
+                                                "weight on code 0)."),
     calib: str = typer.Option("builtin:wiki:train", "--calib", help="Calibration text (gptq, awq, smoothquant)."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration sample (default 512)."),

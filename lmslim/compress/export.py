@@ -155,6 +155,6 @@ def _gptq_on_grid(model, config, calib_ids) -> int:
     scheme = grid_of(config.type)
     others = tuple(n for n, g in gguf_names(model).items() if config.type_for(g) != config.type)
     gptq = GPTQConfig(bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric, minmax=scheme.minmax,
-                      clip_search=config.clip_search, ignore=others)
+                      signed_scale=scheme.signed_scale, clip_search=bool(config.clip_search), ignore=others)
     quantize_(model, gptq, calib_ids)
     return sum(isinstance(m, QuantLinear) for m in model.modules())

@@ -51,6 +51,8 @@ class GPTQConfig(TargetSpec):
         bits: 2, 3, 4 or 8.
         group_size: columns per scale (``None``: per output channel).
         symmetric: symmetric or asymmetric grid.
+        signed_scale: on a symmetric grid, ggml's Q4_0/Q8_0 rule (the signed largest weight on code 0,
+            all 2^bits codes) instead of max|w| / (2^(bits-1) - 1).
         damp: λ, the Hessian dampening as a fraction of its mean diagonal.
         act_order: quantize columns in decreasing order of ``diag H`` (helps at 3 bits).
         true_sequential: inside a block, quantize the matrices in the order the block uses them
@@ -72,6 +74,7 @@ class GPTQConfig(TargetSpec):
     group_size: int | None = 128
     symmetric: bool = False
     minmax: bool = False
+    signed_scale: bool = False  # symmetric: ggml's Q4_0/Q8_0 rule, all 2^bits codes (see scheme.py)
     # Defaults measured on SmolLM2-135M (w4 g128, 32×512 calibration tokens, 4096 test tokens):
     # damp 0.01 → ppl 35.4, act-order → 31.6, act-order + damp 0.1 → 30.8 (RTN: 33.3).
     damp: float = 0.1
@@ -86,7 +89,7 @@ class GPTQConfig(TargetSpec):
 
     def __post_init__(self) -> None:
         self._check_targets()
-        Scheme(self.bits, self.group_size, self.symmetric, self.minmax)
+        self.scheme  # validates bits, group size and the grid rule
         if not 0 < self.damp < 1:
             raise UserError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1 or self.batch_size < 1 or self.awq_grid < 1:
@@ -94,7 +97,7 @@ class GPTQConfig(TargetSpec):
 
     @property
     def scheme(self) -> Scheme:
-        return Scheme(self.bits, self.group_size, self.symmetric, self.minmax)
+        return Scheme(self.bits, self.group_size, self.symmetric, self.minmax, self.signed_scale)
 
 
 def _qdq(col: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int

@@ -33,6 +33,7 @@ class RTNConfig(TargetSpec):
             does not divide the input width leaves a shorter last group (see ``scheme.py``).
         symmetric: grid centred on zero (True) or asymmetric (False).
         minmax: asymmetric grid spanning each group's [min, max] (Q4_1) instead of an integer zero point.
+        signed_scale: symmetric grid on ggml's Q4_0/Q8_0 rule (all 2^bits codes; see ``scheme.py``).
         clip_search: shrink each group's range where that lowers its squared rounding error
             (``scheme.search_params``); off: the plain full-range grid.
     """
@@ -41,15 +42,16 @@ class RTNConfig(TargetSpec):
     group_size: int | None = 128
     symmetric: bool = False
     minmax: bool = False
+    signed_scale: bool = False
     clip_search: bool = False
 
     def __post_init__(self) -> None:
         self._check_targets()
-        Scheme(self.bits, self.group_size, self.symmetric, self.minmax)  # validates bits and group size
+        self.scheme  # validates bits, group size and the grid rule
 
     @property
     def scheme(self) -> Scheme:
-        return Scheme(self.bits, self.group_size, self.symmetric, self.minmax)
+        return Scheme(self.bits, self.group_size, self.symmetric, self.minmax, self.signed_scale)
 
 
 @dataclass(frozen=True)

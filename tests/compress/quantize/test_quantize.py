@@ -238,3 +238,23 @@ def test_smoothquant_reduces_error_on_outlier_channels():
             return ((model(ids).logits - ref).norm() / ref.norm()).item()
 
     assert rel_err(SmoothQuantConfig(alpha=0.5)) < rel_err(DynamicInt8Config())
+
+
+def test_gptq_on_the_signed_16_code_grid_uses_code_zero():
+    """signed_scale (ggml's Q4_0 rule): the signed largest weight of each group lands on code 0 (-8 in ggml)."""
+    from lmslim.assets.tiny import build_tiny
+    from lmslim.compress.quantize import GPTQConfig, quantize_
+    from lmslim.nn.quant_linear import QuantLinear
+
+    calib = torch.randint(10, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    codes = {}
+    for signed in (False, True):
+        model, _ = build_tiny("tiny-llama")
+        quantize_(model, GPTQConfig(bits=4, group_size=16, symmetric=True, signed_scale=signed, kernel="dequant"), calib)
+        mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert all(m.scheme.signed_scale == signed for m in mods)
+        codes[signed] = torch.cat([m.codes().flatten() for m in mods])
+    # max|w|/7 leaves code 0 to weights GPTQ's error feedback pushed past the group's range; the signed
+    # rule puts a weight of every group there
+    zeros = {k: int((c == 0).sum()) for k, c in codes.items()}
+    assert zeros[True] > 3 * max(zeros[False], 1)

@@ -164,7 +164,9 @@ def test_streaming_fits_a_memory_limit_the_in_memory_path_does_not(tmp_path, cal
     limit_mb = 700
     streamed = limited_run([*cmd, "--out", str(tmp_path / "s"), "--stream"], limit_mb)
     assert streamed["rc"] == 0, streamed["stderr"][-2000:]
-    assert streamed["peak_rss_mb"] < limit_mb and streamed["oom_kills"] == 0
+    # The cgroup's own peak charge, not ru_maxrss: the child's RSS also counts the input's page-cache pages,
+    # which the parent that wrote them is charged for (measured 943 MB of RSS under this 700 MB limit).
+    assert streamed["oom_kills"] == 0 and streamed["cgroup_max_usage_mb"] <= limit_mb
     report = json.loads((tmp_path / "s" / "lmslim_prune.json").read_text())
     assert report["streaming"]["blocks"] == 16 and report["sparsity"] > 0.45
     in_memory = limited_run([*cmd, "--out", str(tmp_path / "m")], limit_mb)

@@ -70,8 +70,9 @@ class ExportConfig:
         if self.calib_samples < 1 or self.seq_len < 2:
             raise UserError("calib_samples must be >= 1 and seq_len >= 2")
         if self.format == "hf":
+            unset = {f.name: f.default for f in dataclasses.fields(self)}  # None / () / "rtn"
             extra = [f.name for f in dataclasses.fields(self) if f.name not in ("format", "calib_samples", "seq_len")
-                     and getattr(self, f.name) not in (None, (), "rtn")]
+                     and getattr(self, f.name) not in (unset[f.name], False)]
             if extra:
                 raise UserError(f"export format hf writes the model folder as it is; it takes no {', '.join(extra)}")
             return

@@ -77,3 +77,10 @@ def test_importance_weights_the_rounding_with_calibration_statistics(tmp_path):
     assert files[True].read_bytes() != files[False].read_bytes()
     with pytest.raises(UserError, match="needs calibration"):
         export_(lm.model, lm.tokenizer, ExportConfig(**cfg, importance=True), tmp_path / "x.gguf")
+
+
+def test_hf_export_accepts_options_left_at_their_defaults():
+    """``importance: false`` or ``clip_search: false`` say nothing for hf; a real option is still refused."""
+    assert ExportConfig(format="hf", importance=False, clip_search=False).format == "hf"
+    with pytest.raises(UserError, match="takes no method"):
+        ExportConfig(format="hf", method="gptq")

@@ -69,6 +69,15 @@ class Scheme:
     def qmax(self) -> int:
         return 2 ** self.bits - 1
 
+    def record(self) -> dict:
+        """The grid as saved folders record it per module (``lmslim_quantization``'s module entries)."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "minmax": self.minmax}
+
+    @classmethod
+    def from_record(cls, spec: dict) -> "Scheme":
+        """The grid of a saved module entry (folders written before ``minmax`` existed lack it)."""
+        return cls(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
+
     def n_groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
 

@@ -117,9 +117,7 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None) 
         "format": 2,  # 2: fp16 scale + offset (1: fp32 scale + uint8 zero point)
         "method": name,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
-        "modules": {n: {"in": m.in_features, "out": m.out_features, "bits": m.scheme.bits,
-                        "group_size": m.scheme.group_size, "symmetric": m.scheme.symmetric,
-                        "minmax": m.scheme.minmax,
+        "modules": {n: {"in": m.in_features, "out": m.out_features, **m.scheme.record(),
                         "bias": m.bias is not None, "kernel": m.kernel} for n, m in modules.items()},
     }
     if embeddings:
@@ -159,8 +157,7 @@ def quantize_embedding_(model: nn.Module, config: Any, tied: bool) -> dict[str, 
             qemb.tie(head)
             set_submodule(model, head_name, head)
     set_submodule(model, names[id(emb)], qemb)
-    return {names[id(emb)]: {"in": qemb.in_features, "out": qemb.out_features, "bits": qemb.scheme.bits,
-                             "group_size": qemb.scheme.group_size, "symmetric": qemb.scheme.symmetric,
-                             "minmax": qemb.scheme.minmax, "padding_idx": qemb.padding_idx,
+    return {names[id(emb)]: {"in": qemb.in_features, "out": qemb.out_features, **qemb.scheme.record(),
+                             "padding_idx": qemb.padding_idx,
                              "tied_head": head_name if tied else None,
                              "head_kernel": head.kernel if tied else None}}

@@ -203,7 +203,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: Path) -> None:
 
 def read_grid(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
     """One stored module's grid in lmslim's layout: packed codes, (out, G) scale and offset, scheme."""
-    scheme = Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
+    scheme = Scheme.from_record(spec)
     out, k = spec["out"], spec["in"]
     packed_layout = "weight_packed" in t  # see storage_format
     try:

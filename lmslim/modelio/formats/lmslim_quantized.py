@@ -68,9 +68,11 @@ def load_quantized(folder: Path, config, auto_class, dtype: torch.dtype = torch.
         if structure:
             apply_structure(model, structure)
         for name, spec in record["modules"].items():
-            set_submodule(model, name, QuantLinear(spec["in"], spec["out"], _scheme(spec), spec["bias"], spec["kernel"]))
+            set_submodule(model, name, QuantLinear(spec["in"], spec["out"], Scheme.from_record(spec), spec["bias"],
+                                                   spec["kernel"]))
         for name, spec in embeddings.items():
-            set_submodule(model, name, QuantEmbedding(spec["out"], spec["in"], _scheme(spec), spec.get("padding_idx")))
+            set_submodule(model, name, QuantEmbedding(spec["out"], spec["in"], Scheme.from_record(spec),
+                                                      spec.get("padding_idx")))
 
     def retie(model) -> None:
         if sharing:
@@ -82,10 +84,6 @@ def load_quantized(folder: Path, config, auto_class, dtype: torch.dtype = torch.
     model = empty_model(auto_class, config, swap)
     state = dict(stored_tensors(folder))
     return fill(model, state, folder, dtype=dtype, retie=retie)
-
-
-def _scheme(spec: dict) -> Scheme:
-    return Scheme(spec["bits"], spec["group_size"], spec["symmetric"], spec.get("minmax", False))
 
 
 def _claims(model) -> bool:

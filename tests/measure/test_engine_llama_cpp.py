@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engines import require_engines  # noqa: E402
+from tests.engines import TEXT, engine_model, require_engines  # noqa: E402
 
 require_engines("llama_cpp")
 
@@ -22,14 +22,10 @@ from lmslim.modelio.export import export_model
 from lmslim.modelio.export.gguf import GGUFExportConfig
 from tests.modelio.test_export_gguf import tiny_llama
 
-TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "Numbers 1234 and 56, punctuation: (yes!) ok? " * 5,
-        "Another short document about llamas, engines and files. " * 4]
-
 
 @pytest.fixture(scope="module")
 def model():
-    # Wide initialisation so attention is far from uniform: a wrong q/k layout shows in the logits.
-    return tiny_llama(init=0.25, seed=1)
+    return engine_model()
 
 
 def _export(model, path, **kw):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engines import require_engines  # noqa: E402
+from tests.engines import TEXT, engine_model, require_engines  # noqa: E402
 
 require_engines("onnx", "onnxruntime")
 
@@ -22,15 +22,11 @@ from lmslim.measure.engines.onnxruntime import bench_onnx, perplexity_onnx
 from lmslim.measure.eval import perplexity
 from lmslim.modelio.export import export_model
 from lmslim.modelio.export.onnx import ONNXExportConfig
-from tests.modelio.test_export_gguf import tiny_llama
-
-TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "Numbers 1234 and 56, punctuation: (yes!) ok? " * 5,
-        "Another short document about llamas, engines and files. " * 4]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(init=0.25, seed=1)
+    return engine_model()
 
 
 def _export(model, path, **kw):

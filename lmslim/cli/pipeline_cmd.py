@@ -22,6 +22,9 @@ def compress(
     quick: bool = typer.Option(False, "--quick", help="Apply the recipe's quick: overrides (smaller budgets)."),
     measure_cache: Optional[Path] = typer.Option(None, "--measure-cache",
                                                  help="Reuse eval/bench results of identical weights from here."),
+    stage_cache: Optional[Path] = typer.Option(None, "--stage-cache",
+                                               help="Reuse finished stages of identical inputs and options from "
+                                                    "here (shared across runs; files hard-linked)."),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Run a recipe's stages, measuring quality and cost before and after each; resumable."""
@@ -39,7 +42,7 @@ def compress(
         raise UserError("no model: give MODEL or set model: in the recipe")
     # run_compress checks --out and --measure-cache and holds the output's lock (for Python callers too).
     results = run_compress(spec, r, raw, out_dir, overwrite=overwrite, threads=threads, measure_cache=measure_cache,
-                           sources=(recipe,))
+                           stage_cache=stage_cache, sources=(recipe,))
     _print_variants(results)
     out.print(f"wrote {out_dir} (final model in {out_dir / 'model'})")
 

@@ -38,6 +38,7 @@ from lmslim.core.faults import failpoint
 from lmslim.core.progress import LineProgress
 from lmslim.core.io import atomic_dir, atomic_write_json, atomic_write_text, publish_dir
 from lmslim.modelio import save_model
+from lmslim.recipes.stage_cache import StageCache
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,11 @@ def _check_data(recipe, stage_objs) -> None:
 
 
 def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool = False, threads: int | None = None,
-             measure_cache: Path | None = None, sources: tuple = ()) -> dict:
+             measure_cache: Path | None = None, stage_cache: Path | None = None, sources: tuple = ()) -> dict:
     """Run ``recipe`` on ``model_spec`` into ``out``; returns the results dict (also in results.json).
 
     ``sources``: files the recipe was read from; like every input they must not be under ``out``.
+    ``stage_cache``: a folder of finished stages shared with other runs (``lmslim.recipes.stage_cache``).
     """
     from lmslim.core.guard import check_no_overlap, check_output
     from lmslim.modelio import resolve
@@ -149,8 +151,9 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
 
     out = Path(out)
     inputs = [model_spec, *sources, *recipe_inputs(recipe)]
-    if measure_cache is not None:
-        check_no_overlap(measure_cache, [*inputs, out], "--measure-cache")
+    for flag, cache in (("--measure-cache", measure_cache), ("--stage-cache", stage_cache)):
+        if cache is not None:
+            check_no_overlap(cache, [*inputs, out], flag)
     for i, stage in enumerate(recipe.stages):  # stage outputs besides the model (a distillation teacher cache)
         if isinstance(stage.options.get("teacher_cache"), str):
             check_no_overlap(Path(stage.options["teacher_cache"]), [*inputs, out], f"stages.{i}.teacher_cache")
@@ -161,14 +164,13 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
         runtime = Runtime.create(device="cpu", threads=threads if threads is not None else recipe.bench.threads)
         work = out.parent / f".{out.name}.partial"  # resumable; only this run writes it (the lock above)
         work.mkdir(parents=True, exist_ok=True)
-        return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache)
+        cache = StageCache(stage_cache) if stage_cache is not None else None
+        return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache,
+                         cache)
 
 
 def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolved, runtime, threads,
-              measure_cache) -> dict:
-    from lmslim.modelio import load_model, resolve
-    from lmslim.recipes.stages import STAGES, StageContext
-
+              measure_cache, stage_cache: StageCache | None) -> dict:
     input_hash = resolved.weights_hash()
     _undo_final_move(work)
     raw = dict(raw, model=model_spec)
@@ -186,45 +188,29 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
     label = recipe.name or "recipe"
     n = len(recipe.stages)
     for i, (spec, obj) in enumerate(zip(recipe.stages, stage_objs)):
-        kind = STAGES[spec.name]
         sdir = work / "stages" / f"{i:02d}-{spec.name}"
         fp = _fingerprint(prev_fp, spec.name, spec.options, recipe.data.model_dump(), recipe.eval.task)
         done = sdir / "done.json"
         measure_now = recipe.measure_each_stage or i == n - 1
-        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp and (sdir / "model").is_dir():
+        if _finished(sdir, fp):
             log.info("stage %d (%s) already done; skipping", i, spec.name)
             say(f"stage {i + 1} ({spec.name}) already done; reused", i + 1)
-            record = json.loads(done.read_text())
+        elif stage_cache is not None and stage_cache.fetch(fp, sdir) and _finished(sdir, fp):
+            say(f"stage {i + 1} ({spec.name}) reused from the stage cache", i + 1)
         else:
             say(f"stage {i + 1} ({spec.name}) running", i)
-            if sdir.exists():
-                shutil.rmtree(sdir)
-            sdir.mkdir(parents=True)
-            t0 = time.perf_counter()
-            lm = load_model(prev_spec, task=recipe.eval.task, dtype=runtime.dtype, device=runtime.device)
-            ctx = StageContext(recipe=recipe, runtime=runtime, work_dir=sdir / "scratch", input_spec=model_spec)
-            artifact = kind.artifact(obj)
-            if artifact:  # an export: the stage's model is the one exported, saved before the export rounds it
-                with atomic_dir(sdir / "model") as tmp:
-                    save_model(lm.model, lm.tokenizer, tmp)
-            model, tokenizer, report = kind.run(lm, obj, ctx)
-            if not artifact:
-                with atomic_dir(sdir / "model") as tmp:
-                    save_model(model, tokenizer, tmp)
-            failpoint("compress-stage")
-            del lm, model
-            if (sdir / "scratch").exists():
-                shutil.rmtree(sdir / "scratch")
-            report = dict(report or {}, seconds_total=time.perf_counter() - t0)
-            atomic_write_json(sdir / "stage.json", {"stage": spec.name, "options": spec.options, "report": report})
-            measured_spec = str(sdir / artifact) if artifact else str(sdir / "model")
-            weights = artifact_hash(sdir / artifact) if artifact else resolve(str(sdir / "model")).weights_hash()
-            if measure_now and weights != variants[-1]["weights_sha256"]:
-                say(f"stage {i + 1} ({spec.name}) done in {report['seconds_total']:.0f} s; measuring", i)
-                measurer.measure(measured_spec, weights, sdir, report.get("engine") or "torch")
+            _run_stage(i, spec, obj, prev_spec, model_spec, recipe, runtime, sdir, fp)
+            if stage_cache is not None:
+                stage_cache.store(fp, sdir)
             say(f"stage {i + 1} ({spec.name}) finished", i + 1)
-            record = {"fingerprint": fp, "weights_sha256": weights}
-            atomic_write_json(done, record)
+        record = json.loads(done.read_text())
+        artifact = json.loads((sdir / "stage.json").read_text())["report"].get("artifact")
+        if measure_now and record["weights_sha256"] != variants[-1]["weights_sha256"] and not any(
+                (sdir / f"{k}.json").is_file() for k in ("eval", "bench")):
+            say(f"stage {i + 1} ({spec.name}) measuring", i)
+            measured_spec = str(sdir / artifact) if artifact else str(sdir / "model")
+            engine = json.loads((sdir / "stage.json").read_text())["report"].get("engine") or "torch"
+            measurer.measure(measured_spec, record["weights_sha256"], sdir, engine)
         stage_report = json.loads((sdir / "stage.json").read_text())["report"]
         measured = {k: json.loads((sdir / f"{k}.json").read_text()) for k in ("eval", "bench")
                     if (sdir / f"{k}.json").is_file()}
@@ -255,12 +241,49 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
         variants[-1]["model"] = artifact or "model"
     results = {"kind": "compress", "recipe": label, "input": {"spec": model_spec, "weights_sha256": input_hash},
                "task": recipe.eval.task, "data": recipe.data.model_dump(),
-               "variants": _relocate(variants, work, out), "seconds": time.perf_counter() - t_start}
+               "variants": _relocate(variants, work, out), "seconds": time.perf_counter() - t_start,
+               "stage_cache_hits": stage_cache.hits if stage_cache is not None else 0}
     atomic_write_json(work / "results.json", results)
     (work / "final.json").unlink()
     publish_dir(work, out)  # DIR appears in one rename, results.json inside
     say(f"published {out}", n)
     return results
+
+
+def _finished(sdir: Path, fp: str) -> bool:
+    """The stage folder holds a finished stage for exactly these inputs and options."""
+    done = sdir / "done.json"
+    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp and (sdir / "model").is_dir()
+
+
+def _run_stage(i: int, spec, obj, prev_spec: str, model_spec: str, recipe, runtime, sdir: Path, fp: str) -> None:
+    """Run stage ``i`` on ``prev_spec`` into ``sdir``: model/, stage.json, any artifact, then done.json."""
+    from lmslim.modelio import load_model, resolve
+    from lmslim.recipes.stages import STAGES, StageContext
+
+    kind = STAGES[spec.name]
+    if sdir.exists():
+        shutil.rmtree(sdir)
+    sdir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    lm = load_model(prev_spec, task=recipe.eval.task, dtype=runtime.dtype, device=runtime.device)
+    ctx = StageContext(recipe=recipe, runtime=runtime, work_dir=sdir / "scratch", input_spec=model_spec)
+    artifact = kind.artifact(obj)
+    if artifact:  # an export: the stage's model is the one exported, saved before the export rounds it
+        with atomic_dir(sdir / "model") as tmp:
+            save_model(lm.model, lm.tokenizer, tmp)
+    model, tokenizer, report = kind.run(lm, obj, ctx)
+    if not artifact:
+        with atomic_dir(sdir / "model") as tmp:
+            save_model(model, tokenizer, tmp)
+    failpoint("compress-stage")
+    del lm, model
+    if (sdir / "scratch").exists():
+        shutil.rmtree(sdir / "scratch")
+    report = dict(report or {}, seconds_total=time.perf_counter() - t0)
+    atomic_write_json(sdir / "stage.json", {"stage": spec.name, "options": spec.options, "report": report})
+    weights = artifact_hash(sdir / artifact) if artifact else resolve(str(sdir / "model")).weights_hash()
+    atomic_write_json(sdir / "done.json", {"fingerprint": fp, "weights_sha256": weights})
 
 
 def _relocate(obj: Any, work: Path, out: Path) -> Any:

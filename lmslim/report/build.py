@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from lmslim.core.errors import UserError
 from lmslim.measure.compare import QUALITY
+from lmslim.report.chart import CHART_CSS, pareto_png, pareto_svg
 
 # Decode-speed ratios within ±10% of 1 are treated as noise on a shared 2-core machine.
 NOISE = 0.10
@@ -109,11 +110,46 @@ def pruned_fractions(variants: list[dict[str, Any]]) -> list[tuple[float | None,
     return out
 
 
-def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows: baseline first (deduplicated by weights hash), then every run's stage variants."""
+def recipe_stages(run: dict[str, Any]) -> list[str]:
+    """The run's recipe stages as ``name(option=value, ...)`` from ``recipe.yaml`` in its folder ([] without one).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "recipe.yaml").write_text("stages: [{prune: {method: wanda, sparsity: 0.5}}]")
+        >>> recipe_stages({"_dir": str(d)})
+        ['prune(method=wanda, sparsity=0.5)']
+    """
+    from lmslim.core.safeyaml import load_yaml_file
+
+    f = Path(run.get("_dir") or ".") / "recipe.yaml"
+    if "_dir" not in run or not f.is_file():
+        return []
+    try:
+        stages = (load_yaml_file(f, str(f)) or {}).get("stages") or []
+    except (UserError, AttributeError):  # a summary for the chart's hover only: never fail the report on it
+        return []
+    out = []
+    for entry in stages:
+        name, options = next(iter(entry.items())) if isinstance(entry, dict) and len(entry) == 1 else (entry, None)
+        opts = ", ".join(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else v}"
+                         for k, v in (options or {}).items())
+        text = f"{name}({opts})"
+        out.append(text if len(text) <= 160 else text[:159] + "…")
+    return out
+
+
+def _stage_index(name: str) -> int | None:
+    """Index of the stage that made a variant, from the name ``lmslim compress`` gives it (``label · 2:prune``)."""
+    m = re.search(r" · (\d+):[^·]*$", name)
+    return int(m.group(1)) if m else None
+
+
+def _variant_rows(runs: list[dict[str, Any]], seen_baselines: set[str], background: bool) -> list[dict[str, Any]]:
+    """One row per variant of every run, skipping a baseline whose weights were seen already."""
     rows: list[dict[str, Any]] = []
-    seen_baselines: set[str] = set()
     for run in runs:
+        stages = recipe_stages(run)
         for v, (p, pruned) in zip(run["variants"], pruned_fractions(run["variants"])):
             if v["stage"] is None:
                 key = v.get("weights_sha256") or v["model"]
@@ -121,7 +157,9 @@ def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     continue
                 seen_baselines.add(key)
             row = {"name": v["name"], "run": run["recipe"], "stage": v["stage"], "weights_sha256": v["weights_sha256"],
-                   "prune_ratio": p, "pruned": pruned}
+                   "prune_ratio": p, "pruned": pruned, "background": background}
+            i = _stage_index(v["name"]) if v["stage"] is not None else None
+            row["recipe_stages"] = stages[:i + 1] if i is not None and i < len(stages) else []
             ev, be = v.get("eval") or {}, v.get("bench") or {}
             for key, _, _ in QUALITY:
                 if key in ev:
@@ -139,10 +177,11 @@ def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 # weights (runs measured before lmslim.measure.cost excluded them still carry them).
                 row["nonzero_params"] = row["params"]
             rows.append(row)
-    if not rows or rows[0]["stage"] is not None:
-        raise UserError("the first run has no baseline variant")
-    base = rows[0]
-    metric = quality_metric(rows)
+    return rows
+
+
+def _derive(rows: list[dict[str, Any]], base: dict[str, Any], metric: tuple[str, str, bool] | None) -> None:
+    """Ratios to ``base``, α, the quality change and the speed verdict of every row (in place)."""
     for r in rows:
         def ratio(key: str, invert: bool = False) -> float | None:
             a, b = base.get(key), r.get(key)
@@ -165,8 +204,33 @@ def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sparse = bool(r["pruned"] and r.get("params") and r.get("nonzero_params") is not None
                       and r["nonzero_params"] < 0.95 * r["params"])
         r["verdict"] = "baseline" if r is base else verdict(r["decode_x"], sparse)
+
+
+def collect_all(runs: list[dict[str, Any]], background_runs: list[dict[str, Any]] = ()
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(rows, background)``: the table's rows (see ``collect``) and the background runs' rows.
+
+    Background rows (search trials) are measured against the same baseline (the first run's) and
+    carry ``background: True`` and ``pareto: False``; they never change which table rows are on the
+    Pareto front. A background run's baseline is skipped when its weights are the table's baseline's.
+    """
+    seen: set[str] = set()
+    rows = _variant_rows(runs, seen, background=False)
+    if not rows or rows[0]["stage"] is not None:
+        raise UserError("the first run has no baseline variant")
+    metric = quality_metric(rows)
+    _derive(rows, rows[0], metric)
     mark_pareto(rows, metric)
-    return rows
+    back = _variant_rows(background_runs, seen, background=True)
+    _derive(back, rows[0], metric)
+    for r in back:
+        r["pareto"] = False
+    return rows, back
+
+
+def collect(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat rows: baseline first (deduplicated by weights hash), then every run's stage variants."""
+    return collect_all(runs)[0]
 
 
 def describe_windows(ev: dict[str, Any]) -> str:
@@ -222,52 +286,6 @@ def mark_pareto(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None
                               for o in pts if o is not r)
 
 
-def pareto_png(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    if metric is None:
-        ax.text(0.5, 0.5, "no quality measurement", ha="center", va="center")
-    else:
-        key, label, higher = metric
-        pts = [r for r in rows if r.get(key) is not None and r.get("decode_tokens_per_s")]
-        max_size = max((r.get("size_mb") or 1) for r in pts) if pts else 1
-        engines = list(dict.fromkeys(r.get("engine", "torch") for r in pts))
-        for r in pts:
-            area = 60 + 1400 * (r.get("size_mb") or 0) / max_size
-            ax.scatter(r["decode_tokens_per_s"], r[key], s=area, alpha=0.55, marker=engine_marker(r.get("engine")),
-                       color="tab:red" if r["pareto"] else "tab:blue", edgecolors="black", linewidths=0.6)
-            ax.annotate(r["name"], (r["decode_tokens_per_s"], r[key]), fontsize=7, xytext=(6, 4),
-                        textcoords="offset points")
-        front = sorted((r for r in pts if r["pareto"]), key=lambda r: r["decode_tokens_per_s"])
-        if len(front) > 1:
-            ax.plot([r["decode_tokens_per_s"] for r in front], [r[key] for r in front], color="tab:red", lw=1.2,
-                    label="Pareto front")
-        for e in engines if len(engines) > 1 else []:  # marker shape = engine (legend only when there are several)
-            ax.scatter([], [], marker=engine_marker(e), color="white", edgecolors="black", label=f"engine: {e}")
-        if len(front) > 1 or len(engines) > 1:
-            ax.legend(loc="best", fontsize=8)
-        ax.set_xlabel("decode tokens/s (higher is better)")
-        ax.set_ylabel(f"{label} ({'higher' if higher else 'lower'} is better)")
-        ax.set_title("quality vs decode speed (bubble area = size on disk)")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-ENGINE_MARKERS = {"torch": "o", "llama.cpp": "s", "onnxruntime": "^"}
-
-
-def engine_marker(engine: str | None) -> str:
-    return ENGINE_MARKERS.get(engine or "torch", "D")
-
-
 def _fmt(v: Any, spec: str) -> str:
     if v is None:
         return "–"
@@ -314,7 +332,8 @@ def _models_line(setup_rows: list[dict[str, str]]) -> str:
     return f"Model: {models}. Task: {tasks}. Evaluation data: {data} (details under Setup)."
 
 
-def to_markdown(rows, metric, png_name: str = "pareto.png", setup_rows: list[dict[str, str]] | None = None) -> str:
+def to_markdown(rows, metric, png_name: str = "pareto.png", setup_rows: list[dict[str, str]] | None = None,
+                background: list[dict[str, Any]] = ()) -> str:
     head, body = table(rows, metric)
     machine = rows[0].get("machine") or "unknown CPU"
     lines = ["# lmslim report", ""]
@@ -322,8 +341,9 @@ def to_markdown(rows, metric, png_name: str = "pareto.png", setup_rows: list[dic
         lines += [_models_line(setup_rows), ""]
     lines += [f"Measured on: {machine}. Ratios are to the baseline (first row); "
               f"decode-speed changes within ±{NOISE:.0%} are reported as no real speedup.", "",
-              f"![quality vs decode speed]({png_name})", "",
-              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+              f"![quality vs decode speed]({png_name})", ""]
+    lines += [_trials_line(background), ""] if background else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
     lines += ["", f"{_P_NOTE}; α = bytes on disk per parameter "
               "relative to fp32; C = training FLOPs per token (cost model, forward + backward); "
@@ -342,8 +362,17 @@ tr.pareto td{background:#fff4f0}img{max-width:100%;border:1px solid #ddd}p.note{
 #setup td{text-align:left}"""
 
 
-def to_html(rows, metric, png: bytes, setup_rows: list[dict[str, str]] | None = None) -> str:
+def _trials_line(background: list[dict[str, Any]]) -> str:
+    if not background:
+        return ""
+    return (f"Grey points: {len(background)} search trial(s), drawn for context; they are not in the table and "
+            "not part of its Pareto front.")
+
+
+def to_html(rows, metric, png: bytes, setup_rows: list[dict[str, str]] | None = None,
+            background: list[dict[str, Any]] = ()) -> str:
     head, body = table(rows, metric)
+    trials = f"<p class=\"note\">{html.escape(_trials_line(background))}</p>" if background else ""
     models = f"<p>{html.escape(_models_line(setup_rows))}</p>" if setup_rows else ""
     setup_html = ""
     if setup_rows:
@@ -358,10 +387,12 @@ def to_html(rows, metric, png: bytes, setup_rows: list[dict[str, str]] | None = 
         cls = ' class="pareto"' if r["pareto"] else ""
         trs.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>lmslim report</title>"
-            f"<style>{_CSS}</style></head><body><h1>lmslim report</h1>{models}"
+            f"<style>{_CSS}\n{CHART_CSS}</style></head><body><h1>lmslim report</h1>{models}"
             f"<p>Measured on: {machine}. Ratios are to the baseline (first row); decode-speed changes within "
             f"±{NOISE:.0%} are reported as no real speedup. Highlighted rows are on the Pareto front.</p>"
-            f"<img id=\"pareto\" alt=\"quality vs decode speed\" src=\"data:image/png;base64,{b64}\">"
+            f"{trials}<div class=\"chart\">{pareto_svg(rows, metric, background)}</div>"
+            "<details><summary>the same chart as a picture (pareto.png)</summary>"
+            f"<img id=\"pareto\" alt=\"quality vs decode speed\" src=\"data:image/png;base64,{b64}\"></details>"
             "<table id=\"variants\"><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table>"
             f"<p class=\"note\">{html.escape(_P_NOTE)}; α = bytes on disk per "
@@ -369,18 +400,28 @@ def to_html(rows, metric, png: bytes, setup_rows: list[dict[str, str]] | None = 
             f"FLOPs from the cost model.</p>{setup_html}</body></html>\n")
 
 
-def build_report(run_dirs: list[Path], out: Path) -> dict[str, Any]:
-    """Write report.md, report.html, pareto.png and rows.json into ``out`` (atomically, as a folder)."""
+def build_report(run_dirs: list[Path], out: Path, *, background_dirs: list[Path] = ()) -> dict[str, Any]:
+    """Write report.md, report.html, pareto.png and rows.json into ``out`` (atomically, as a folder).
+
+    ``background_dirs``: more compress runs (a search's trials) drawn as grey points under the chart,
+    with the hover working on them too; they are not in the table and do not change the Pareto
+    marking of the table's rows. In ``rows.json`` (a list) they follow the table's rows with
+    ``"background": true`` (table rows have ``"background": false``).
+
+    Example (``runs/a`` and ``runs/b`` being ``lmslim compress`` outputs)::
+
+        build_report([Path("runs/a"), Path("runs/b")], Path("report"), background_dirs=[Path("search/t1")])
+    """
     from lmslim.core.io import atomic_dir
 
     runs = load_runs(run_dirs)
-    rows = collect(runs)
+    rows, background = collect_all(runs, load_runs(background_dirs) if background_dirs else [])
     setup_rows = setup(runs)
     metric = quality_metric(rows)
-    png = pareto_png(rows, metric)
+    png = pareto_png(rows, metric, background)
     with atomic_dir(out) as tmp:
         (tmp / "pareto.png").write_bytes(png)
-        (tmp / "report.md").write_text(to_markdown(rows, metric, setup_rows=setup_rows))
-        (tmp / "report.html").write_text(to_html(rows, metric, png, setup_rows))
-        (tmp / "rows.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    return {"rows": rows, "metric": metric, "setup": setup_rows}
+        (tmp / "report.md").write_text(to_markdown(rows, metric, setup_rows=setup_rows, background=background))
+        (tmp / "report.html").write_text(to_html(rows, metric, png, setup_rows, background))
+        (tmp / "rows.json").write_text(json.dumps(rows + background, indent=2, default=str) + "\n")
+    return {"rows": rows, "background": background, "metric": metric, "setup": setup_rows}

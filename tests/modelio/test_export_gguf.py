@@ -142,7 +142,7 @@ def test_per_layer_shapes_rows_and_architectures_are_refused(tmp_path):
     with pytest.raises(UserError, match="Llama-architecture"):
         export_model(gpt2, tok2, "gguf", tmp_path / "c.gguf", GGUFExportConfig())
     with pytest.raises(UserError, match="unknown GGUF type"):
-        GGUFExportConfig(type="q3_k")
+        GGUFExportConfig(type="q1_k")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -271,5 +271,6 @@ def test_cli_refuses_a_type_the_shape_cannot_take_and_gptq_on_a_k_quant(tmp_path
     tok.save_pretrained(src)
     assert main(["export", str(src), "--type", "q4_k", "--out", str(tmp_path / "a.gguf")]) == 2
     assert main(["export", str(src), "--type", "q4_k", "--method", "gptq", "--out", str(tmp_path / "b.gguf")]) == 2
-    assert main(["export", str(src), "--type", "q3_k", "--out", str(tmp_path / "c.gguf")]) == 2
+    assert main(["export", str(src), "--type", "q1_k", "--out", str(tmp_path / "c.gguf")]) == 2
+    assert main(["export", str(src), "--type", "q2_k", "--out", str(tmp_path / "d.gguf")]) == 2  # rows of 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

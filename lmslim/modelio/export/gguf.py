@@ -10,8 +10,8 @@ their scales, never re-rounded.
 Each tensor's type: 1-D norms are always f32; ``token_embd``/``output`` take ``embed_type``
 (default q8_0 under a 4-bit type, as llama.cpp keeps a tied embedding, else the base type); every
 other matrix the base ``type``; ``tensor_types`` globs override any matrix. A float weight going to
-a block type is rounded with lmslim's RTN on that type's grid (``gguf_blocks.round_on``; q5_0 and the
-k-quants q4_k/q6_k in ``gguf_kquants``, optionally weighted by calibration importance, ``gguf_imatrix``;
+a block type is rounded with lmslim's RTN on that type's grid (``gguf_blocks.round_on``; q5_0/q5_1 and
+the k-quants q2_k…q6_k in ``gguf_kquants`` / ``gguf_kquants_low``, optionally weighted by calibration importance, ``gguf_imatrix``;
 k-quant rows not divisible by 256 take llama.cpp's fallback type, listed in the report's
 ``fallbacks``); a weight lmslim
 already quantized is written as its codes when its grid is the type's, as exact f32 values for
@@ -49,7 +49,7 @@ from lmslim.core.errors import UserError
 from lmslim.modelio.export import Exporter, register_exporter
 from lmslim.modelio.export.gguf_blocks import (BLOCK, BLOCK_TYPES, FLOAT_TYPES, GGUF_TYPES, MIX_TYPES, check_type,
                                                encode_codes, fits_grid, ggml_type, mix_type, round_on, storable_type)
-from lmslim.modelio.export.gguf_kquants import quantize_kquant, quantize_q5_0
+from lmslim.modelio.export.gguf_kquants import quantize_float
 from lmslim.modelio.export.gguf_vocab import add_tokenizer
 from lmslim.nn.blocks import family, transformer_blocks
 from lmslim.nn.quant_linear import QuantLinear, linear_weight
@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
               "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q4_k": "MOSTLY_Q4_K_S", "q6_k": "MOSTLY_Q6_K",
-              "q4_k_m": "MOSTLY_Q4_K_M"}
+              "q4_k_m": "MOSTLY_Q4_K_M", "q5_1": "MOSTLY_Q5_1", "q5_k": "MOSTLY_Q5_K_S", "q3_k": "MOSTLY_Q3_K_S",
+              "q3_k_m": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
 _EMBED_NAMES = ("token_embd.weight", "output.weight")
 
 
@@ -67,9 +68,10 @@ class GGUFExportConfig:
     """What each tensor of the GGUF file becomes.
 
     Args:
-        type: base type of the matrices: f32, f16, q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, or the mix q4_k_m.
-        embed_type: type of ``token_embd`` and ``output`` (None: q8_0 under q4_0/q4_1, q6_k under a
-            k-quant or q4_k_m, as llama.cpp; else ``type``).
+        type: base type of the matrices: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q3_k, or
+            one of llama.cpp's mixes q4_k_m, q3_k_m, q2_k (``gguf_blocks.mix_type``).
+        embed_type: type of ``token_embd`` and ``output`` (None: q8_0 under q4_0/q4_1/q5_0/q5_1, q6_k under
+            a 3-5-bit k-quant, a mix's own rule for a mix, as llama.cpp; else ``type``).
         tensor_types: ``(glob, type)`` pairs on GGUF tensor names (``blk.*.ffn_down.weight``); first match wins.
         clip_search: round float weights with the clipping search of ``scheme.search_params``.
         importance: GGUF tensor name -> per-input-column weights of the squared rounding error
@@ -91,7 +93,7 @@ class GGUFExportConfig:
             if not pattern:
                 raise UserError("a tensor-type pattern is empty; give a glob such as 'blk.*.ffn_down.weight'")
 
-    def type_for(self, name: str, n_layers: int = 0) -> str:
+    def type_for(self, name: str, n_layers: int = 0, gqa: int = 1, tied: bool = True) -> str:
         """The requested type of tensor ``name`` (before a k-quant's row fallback, ``storable_type``)."""
         if name.endswith("_norm.weight"):
             return "f32"  # llama.cpp's norms are f32 vectors
@@ -101,11 +103,13 @@ class GGUFExportConfig:
         if name in _EMBED_NAMES:
             if self.embed_type is not None:
                 return self.embed_type
-            if self.type in ("q4_k", "q4_k_m"):
+            if self.type in MIX_TYPES:
+                return mix_type(self.type, name, n_layers, gqa, tied)
+            if self.type in ("q4_k", "q5_k", "q3_k"):
                 return "q6_k"
-            return "q8_0" if self.type in ("q4_0", "q4_1", "q5_0") else self.type
+            return "q8_0" if self.type in ("q4_0", "q4_1", "q5_0", "q5_1") else self.type
         if self.type in MIX_TYPES:
-            return mix_type(self.type, name, n_layers)
+            return mix_type(self.type, name, n_layers, gqa)
         return self.type
 
 
@@ -212,10 +216,8 @@ def _encode(t: _Tensor, kind: str, config: GGUFExportConfig) -> tuple[np.ndarray
         raise UserError(f"{t.name} has rows of {w.shape[-1]} weights, which {kind}'s blocks of {BLOCK} do not "
                         f"divide; keep it wider, e.g. --tensor-type '{glob}=f16'")
     imp = (config.importance or {}).get(t.name)
-    if kind not in BLOCK_TYPES:  # q5_0 and the k-quants: lmslim's searches in gguf_kquants
-        w = w.numpy()
-        raw = quantize_q5_0(w, imp)[0] if kind == "q5_0" else quantize_kquant(w, kind, imp)[0]
-        return raw, ggml_type(kind)
+    if kind not in BLOCK_TYPES:  # q5_0, q5_1 and the k-quants: lmslim's searches in gguf_kquants(_low)
+        return quantize_float(w.numpy(), kind, imp), ggml_type(kind)
     codes, scale, offset = round_on(w, kind, config.clip_search, imp)
     return encode_codes(codes, scale, offset, kind), ggml_type(kind)
 
@@ -260,8 +262,9 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, config: GGUFExportConfig
     tensors = _tensors(model, shape)
     encoded = []
     fallbacks = Counter()
+    tied = not any(t.name == "output.weight" for t in tensors)
     for t in tensors:  # every tensor is checked before anything is written
-        wanted = config.type_for(t.name, shape["layers"])
+        wanted = config.type_for(t.name, shape["layers"], shape["heads"] // shape["kv_heads"], tied)
         cols = _cols(t)
         kind = storable_type(wanted, cols)
         if kind != wanted:  # as llama.cpp: a row that does not split into 256 takes the fallback type

@@ -20,10 +20,12 @@ SmolLM2-135M: its embedding already sits on the Q8_0 ``max/127`` grid, so only t
 lossless (signed rule alone: +0.65% perplexity at q8_0 vs +0.005% with the embedding kept exact),
 while the signed rule has the lower error on most other blocks.
 
-The k-quants ``q4_k`` and ``q6_k`` (super-blocks of 256, ``gguf_kquants``) and ``q5_0`` (lmslim's
-search on ggml's 5-bit rule, ``gguf_kquants.quantize_q5_0``) are written from float weights only.
-``q4_k_m`` is a mix mirroring llama.cpp's Q4_K_M (``mix_type``). A k-quant tensor whose rows do not
-split into 256 takes llama.cpp's fallback type (``gguf_kquants.FALLBACK``), as llama.cpp does.
+The k-quants ``q4_k`` and ``q6_k`` (super-blocks of 256, ``gguf_kquants``), ``q5_k``, ``q3_k`` and
+``q2_k`` (``gguf_kquants_low``), and ``q5_0`` / ``q5_1`` (lmslim's searches on ggml's 5-bit blocks) are
+written from float weights only. ``q4_k_m``, ``q3_k_m`` and ``q2_k`` are mixes mirroring llama.cpp's
+presets of those names (``mix_type``; llama.cpp's Q2_K is itself a mix, so ``--type q2_k`` is too: for
+q2_k everywhere give ``--tensor-type 'blk.*=q2_k'``). A k-quant tensor whose rows do not split into 256
+takes llama.cpp's fallback type (``gguf_kquants.FALLBACK``), as llama.cpp does.
 
 In a 4-bit block byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high
 nibble (ggml's layout). ``q4_1`` takes any asymmetric 4-bit group-32 grid (zero point or min/max):
@@ -51,8 +53,8 @@ from lmslim.nn.scheme import Scheme, dequantize, quantize_weight, quantize_with
 BLOCK = 32
 FLOAT_TYPES = ("f32", "f16")
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
-K_TYPES = ("q5_0",) + _KQ_TYPES  # written from float weights by gguf_kquants
-MIX_TYPES = ("q4_k_m",)  # presets: a type per tensor, as llama.cpp's *_M mixes
+K_TYPES = ("q5_0", "q5_1") + tuple(t for t in _KQ_TYPES if t != "q2_k")  # from float weights: gguf_kquants(_low)
+MIX_TYPES = ("q4_k_m", "q3_k_m", "q2_k")  # presets: a type per tensor, as llama.cpp's of these names
 GGUF_TYPES = FLOAT_TYPES + BLOCK_TYPES + K_TYPES + MIX_TYPES
 _GRIDS = {"q8_0": Scheme(8, BLOCK, symmetric=True), "q4_0": Scheme(4, BLOCK, symmetric=True, signed_scale=True),
           "q4_1": Scheme(4, BLOCK, symmetric=False, minmax=True)}
@@ -76,20 +78,35 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def mix_type(mix: str, name: str, n_layers: int) -> str:
-    """The type llama.cpp's ``mix`` (q4_k_m) gives tensor ``name`` before any row fallback.
+def mix_type(mix: str, name: str, n_layers: int, gqa: int = 1, tied: bool = True) -> str:
+    """The type llama.cpp's ``mix`` gives tensor ``name`` before any row fallback (llama-quant.cpp's rules
+    for a Llama; ``gqa``: query heads per KV head; ``tied``: the LM head reads ``token_embd``).
 
-    Q4_K_M: the LM head (or the tied embedding) q6_k, ``attn_v`` and ``ffn_down`` q6_k in the layers
-    ``_more_bits`` picks, every other matrix q4_k (llama.cpp's llama-quant.cpp rules for a Llama).
+    Every mix: the LM head (or the tied embedding) q6_k; an untied embedding the mix's base type (it is
+    only looked up, never multiplied). Q4_K_M: ``attn_v`` and ``ffn_down`` q6_k in the
+    layers ``_more_bits`` picks, other matrices q4_k. Q3_K_M: ``attn_v`` q5_k in layers 0-1 then q4_k,
+    ``ffn_down`` q5_k in the first sixteenth of the layers then q4_k, ``attn_output`` q4_k, others q3_k.
+    Q2_K: ``attn_v`` q3_k (q4_k when ``gqa`` ≥ 4), ``ffn_down`` and ``attn_output`` q3_k, others q2_k.
     """
-    if mix != "q4_k_m":
+    if mix not in MIX_TYPES:
         raise UserError(f"unknown type mix {mix!r}; choose one of: {', '.join(MIX_TYPES)}")
-    if name in ("output.weight", "token_embd.weight"):
+    if name == "output.weight" or (name == "token_embd.weight" and tied):
         return "q6_k"
-    layer = name.split(".")[1] if name.startswith("blk.") else None
-    if layer is not None and name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(int(layer), n_layers):
-        return "q6_k"
-    return "q4_k"
+    if name == "token_embd.weight":
+        return {"q4_k_m": "q4_k", "q3_k_m": "q3_k", "q2_k": "q2_k"}[mix]
+    i = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    role = name.split(".")[-2]  # attn_v, ffn_down, ...
+    if mix == "q4_k_m":
+        return "q6_k" if role in ("attn_v", "ffn_down") and i >= 0 and _more_bits(i, n_layers) else "q4_k"
+    if mix == "q3_k_m":
+        if role == "attn_v":
+            return "q5_k" if i < 2 else "q4_k"
+        if role == "ffn_down":
+            return "q5_k" if i < n_layers // 16 else "q4_k"
+        return "q4_k" if role == "attn_output" else "q3_k"
+    if role == "attn_v":
+        return "q4_k" if gqa >= 4 else "q3_k"
+    return "q3_k" if role in ("ffn_down", "attn_output") else "q2_k"
 
 
 def storable_type(name: str, cols: int) -> str:
@@ -163,7 +180,7 @@ def block_bytes(name: str, rows: int, cols: int) -> int:
         return rows * cols * (4 if name == "f32" else 2)
     if name in K_BLOCK_BYTES:
         return rows * cols // QK * K_BLOCK_BYTES[name]
-    return rows * cols // BLOCK * (22 if name == "q5_0" else _BLOCK_BYTES[name])
+    return rows * cols // BLOCK * {"q5_0": 22, "q5_1": 24}.get(name, _BLOCK_BYTES.get(name, 0))
 
 
 def _f16_bytes(t: torch.Tensor, rows: int, groups: int) -> np.ndarray:

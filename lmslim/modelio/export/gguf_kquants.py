@@ -1,4 +1,4 @@
-"""ggml's k-quant blocks (Q4_K, Q6_K) rounded by lmslim and packed byte for byte as ggml lays them out.
+"""ggml's k-quant blocks (Q4_K, Q6_K; Q3_K, Q2_K, Q5_K in ``gguf_kquants_low``) rounded by lmslim and packed byte for byte as ggml lays them out.
 
 A k-quant super-block holds 256 weights of one row and quantizes the *block parameters* too:
 
@@ -34,10 +34,12 @@ import numpy as np
 from lmslim.core.errors import UserError
 
 QK = 256
-K_TYPES = ("q4_k", "q6_k")
-# llama.cpp's own substitute when a row does not split into 256 (llama-quant.cpp): what it writes instead.
-FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}
-K_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210}
+# q3_k, q2_k, q5_k are written by gguf_kquants_low (quantize_kquant hands them over)
+K_TYPES = ("q4_k", "q6_k", "q5_k", "q3_k", "q2_k")
+# llama.cpp's own substitute when a row does not split into 256 (llama-quant.cpp, as its Q4_K_M, Q3_K_M and
+# Q2_K files of SmolLM2's 576-wide rows show): what it writes instead.
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "q5_k": "q5_1", "q3_k": "q4_0", "q2_k": "q4_0"}
+K_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84}
 _STEPS = 24  # candidate ranges per sub-block in step (1)
 _REFITS = 3  # code / parameter refits in step (3)
 
@@ -57,9 +59,10 @@ def _lsq(x: np.ndarray, q: np.ndarray, w: np.ndarray, nonpos_offset: bool) -> tu
     return scale.astype(np.float32), offset.astype(np.float32)
 
 
-def _fit_asym(x: np.ndarray, w: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Step (1) for Q4_K: (scale ≥ 0, offset ≤ 0) per row of ``x`` (N, 32) minimizing weighted error."""
-    lo = np.minimum(x.min(1), 0)
+def _fit_asym(x: np.ndarray, w: np.ndarray, levels: int, nonpos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Step (1) for Q4_K: (scale ≥ 0, offset ≤ 0 unless ``nonpos`` is off) per row of ``x`` (N, n) minimizing
+    weighted error."""
+    lo = np.minimum(x.min(1), 0) if nonpos else x.min(1)
     hi = x.max(1)
     span = np.maximum(hi - lo, 1e-30)
     best_s, best_o = span / levels, lo.copy()
@@ -67,7 +70,7 @@ def _fit_asym(x: np.ndarray, w: np.ndarray, levels: int) -> tuple[np.ndarray, np
     for step in range(_STEPS + 1):
         iscale = (levels - 1.0 + 2.0 * step / _STEPS) / span  # ranges 1/16 wider … 1/16 narrower than [lo, hi]
         q = np.clip(np.rint((x - lo[:, None]) * iscale[:, None]), 0, levels)
-        s, o = _lsq(x, q, w, nonpos_offset=True)
+        s, o = _lsq(x, q, w, nonpos_offset=nonpos)
         err = (w * (np.clip(np.rint((x - o[:, None]) / np.where(s > 0, s, 1)[:, None]), 0, levels) * s[:, None]
                     + o[:, None] - x) ** 2).sum(1)
         better = (err < best_err) & (s > 0)
@@ -133,16 +136,16 @@ def _encode_q4k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return raw, deq
 
 
-def signed_fit(xs: np.ndarray, ws: np.ndarray, half: int) -> np.ndarray:
+def signed_fit(xs: np.ndarray, ws: np.ndarray, half: int, spread: float = 1 / 8) -> np.ndarray:
     """Scale per row of ``xs`` for codes ``−half … half−1`` (ggml's signed rule, then a search).
 
-    Starts from the signed extreme on code ``−half`` (``d = m / −half``), tries slightly narrower and
-    wider ranges, refits each by least squares on its codes, and keeps the least weighted error.
+    Starts from the signed extreme on code ``−half`` (``d = m / −half``), tries ranges up to ``spread``
+    narrower and wider, refits each by least squares on its codes, and keeps the least weighted error.
     """
     peak = np.take_along_axis(xs, np.abs(xs).argmax(1)[:, None], 1)[:, 0]
     best_s, best_err = peak / -half, np.full(len(xs), np.inf, np.float32)
     for step in range(_STEPS + 1):
-        s = peak / (-half + half / 4 * (step / _STEPS - 0.5))  # ±1/8 of the range around the rule
+        s = peak / (-half + 2 * half * spread * (step / _STEPS - 0.5))  # ±spread of the range around the rule
         q = np.clip(np.rint(xs / np.where(s != 0, s, 1)[:, None]), -half, half - 1)
         den = (ws * q * q).sum(1)
         s = np.where(den > 0, (ws * q * xs).sum(1) / np.maximum(den, 1e-30), s)  # least squares for these codes
@@ -223,6 +226,10 @@ def quantize_kquant(weight: np.ndarray, kind: str, importance: np.ndarray | None
     """
     if kind not in K_TYPES:
         raise UserError(f"{kind} is not a k-quant type lmslim writes ({', '.join(K_TYPES)})")
+    if kind not in ("q4_k", "q6_k"):
+        from lmslim.modelio.export.gguf_kquants_low import quantize_low  # it builds on this module
+
+        return quantize_low(weight, kind, importance)
     rows, cols = weight.shape
     if cols % QK:
         raise UserError(f"rows of {cols} weights do not split into {kind}'s super-blocks of {QK}")
@@ -230,3 +237,14 @@ def quantize_kquant(weight: np.ndarray, kind: str, importance: np.ndarray | None
     w = _weights(importance, rows, cols, QK)
     raw, deq = (_encode_q4k if kind == "q4_k" else _encode_q6k)(x, w)
     return raw.reshape(rows, -1), deq.reshape(rows, cols)
+
+
+def quantize_float(weight: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """Raw blocks of the types lmslim writes from float weights only: q5_0, q5_1 and the k-quants."""
+    if kind == "q5_0":
+        return quantize_q5_0(weight, importance)[0]
+    if kind == "q5_1":
+        from lmslim.modelio.export.gguf_kquants_low import quantize_q5_1
+
+        return quantize_q5_1(weight, importance)[0]
+    return quantize_kquant(weight, kind, importance)[0]

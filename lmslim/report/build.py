@@ -2,8 +2,10 @@
 
 Every variant (the baseline and the model after each measured stage) becomes one row with ratios to
 the baseline, the cost-model figures and a verdict on whether its speedup is real on the device it
-was measured on. ``pareto.png`` plots quality against decode speed with bubble area proportional to
-size on disk; the Pareto front (no other variant is both better in quality and faster) is drawn.
+was measured on. The chart (``lmslim.report.chart``: ``pareto.png`` and an interactive SVG in
+``report.html``) plots quality against decode speed, marker area proportional to size on disk,
+shape by engine; the Pareto front (no other variant is both better in quality and faster) is drawn.
+Runs given as ``background_dirs`` (a search's trials) are drawn as grey points for context only.
 A setup table names, for every run, the input model, the task, the evaluation data and how
 perplexity windows were built, as recorded in ``results.json`` and each variant's eval result.
 
@@ -212,7 +214,8 @@ def collect_all(runs: list[dict[str, Any]], background_runs: list[dict[str, Any]
 
     Background rows (search trials) are measured against the same baseline (the first run's) and
     carry ``background: True`` and ``pareto: False``; they never change which table rows are on the
-    Pareto front. A background run's baseline is skipped when its weights are the table's baseline's.
+    Pareto front. A background variant whose weights are already a table row's (the table's
+    baseline; a trial given both as a run and as background) is not drawn twice.
     """
     seen: set[str] = set()
     rows = _variant_rows(runs, seen, background=False)
@@ -221,7 +224,8 @@ def collect_all(runs: list[dict[str, Any]], background_runs: list[dict[str, Any]
     metric = quality_metric(rows)
     _derive(rows, rows[0], metric)
     mark_pareto(rows, metric)
-    back = _variant_rows(background_runs, seen, background=True)
+    shown = {r["weights_sha256"] for r in rows if r["weights_sha256"]}
+    back = [r for r in _variant_rows(background_runs, seen, background=True) if r["weights_sha256"] not in shown]
     _derive(back, rows[0], metric)
     for r in back:
         r["pareto"] = False
@@ -415,6 +419,8 @@ def build_report(run_dirs: list[Path], out: Path, *, background_dirs: list[Path]
     from lmslim.core.io import atomic_dir
 
     runs = load_runs(run_dirs)
+    table_dirs = {Path(d).resolve() for d in run_dirs}
+    background_dirs = [d for d in background_dirs if Path(d).resolve() not in table_dirs]  # each run drawn once
     rows, background = collect_all(runs, load_runs(background_dirs) if background_dirs else [])
     setup_rows = setup(runs)
     metric = quality_metric(rows)

@@ -172,6 +172,10 @@ def test_background_rows_not_in_table_nor_pareto(tmp_path):
     assert "stage 1: quantize(method=dynamic-int8)" in page
     build_report(fg, tmp_path / "rep2")  # the old call still works, with no trials drawn
     assert 'data-background="true"' not in (tmp_path / "rep2" / "report.html").read_text()
+    # A search passes its front as runs and every trial as background: each variant is drawn once.
+    res = build_report([fg[0], bg[0]], tmp_path / "rep3", background_dirs=[*fg, *bg])
+    assert [r["name"] for r in res["background"]] == ["bad · 0:quantize", "other base"]
+    assert [r["name"] for r in res["rows"] if r["pareto"]] == ["trial-1 · 0:quantize"]  # it dominates the baseline
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("LMSLIM_REQUIRE_BROWSER"),

@@ -38,6 +38,7 @@ SVG_MARGIN = (72, 24, 44, 56)  # left, right, top (legend), bottom
 SVG_R = 1.4  # SVG px per bubble-radius unit (the PNG uses points)
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 with x0 <= x1, y0 <= y1
+Segment = tuple[tuple[float, float], tuple[float, float]]
 
 
 def engine_marker(engine: str | None) -> str:
@@ -67,10 +68,6 @@ def _fwd(v: float, scale: str) -> float:
     return math.log10(v) if scale == "log" else v
 
 
-def _inv(v: float, scale: str) -> float:
-    return 10 ** v if scale == "log" else v
-
-
 def axis_limits(values: Sequence[float], scale: str, pad: float = 0.08) -> tuple[float, float]:
     """Axis range with ``pad`` (a fraction of the span, measured in the axis's own scale) on both sides.
 
@@ -80,7 +77,8 @@ def axis_limits(values: Sequence[float], scale: str, pad: float = 0.08) -> tuple
     """
     lo, hi = _fwd(min(values), scale), _fwd(max(values), scale)
     span = hi - lo or (abs(hi) * 0.1 if scale == "linear" and hi else 0.1)
-    return round(_inv(lo - pad * span, scale), 12), round(_inv(hi + pad * span, scale), 12)
+    lo, hi = lo - pad * span, hi + pad * span
+    return (round(10 ** lo, 12), round(10 ** hi, 12)) if scale == "log" else (round(lo, 12), round(hi, 12))
 
 
 def axis_ticks(lo: float, hi: float, scale: str) -> list[float]:
@@ -133,9 +131,6 @@ def _crosses(box: Box, p: tuple[float, float], q: tuple[float, float]) -> bool:
     return True
 
 
-Segment = tuple[tuple[float, float], tuple[float, float]]
-
-
 def place_labels(anchors: Sequence[tuple[float, float, float]], sizes: Sequence[tuple[float, float]], bounds: Box,
                  pad: float = 2.0, segments: Sequence[Segment] = ()) -> list[Box | None]:
     """Boxes for point labels that overlap no other label, no marker and no line; ``None`` where none fits.
@@ -160,26 +155,27 @@ def place_labels(anchors: Sequence[tuple[float, float, float]], sizes: Sequence[
     markers = [(x - r, y - r, x + r, y + r) for x, y, r in anchors]
     placed: list[Box] = []
     out: list[Box | None] = []
+
+    def fits(c: Box) -> bool:
+        grown = (c[0] - pad, c[1] - pad, c[2] + pad, c[3] + pad)
+        return (bounds[0] <= c[0] and c[2] <= bounds[2] and bounds[1] <= c[1] and c[3] <= bounds[3]
+                and not any(_overlaps(grown, o) for o in (*markers, *placed))
+                and not any(_crosses(grown, p, q) for p, q in segments))
+
     for (x, y, r), (w, h) in zip(anchors, sizes):
-        box = None
-        for gap in (pad, pad + 6, pad + 16):
-            d = r + gap
-            lower_left = [(x + d, y - h / 2), (x + d, y + d), (x + d, y - d - h), (x - d - w, y - h / 2),
-                          (x - d - w, y + d), (x - d - w, y - d - h), (x - w / 2, y + d), (x - w / 2, y - d - h)]
-            for x0, y0 in lower_left:
-                cand = (float(x0), float(y0), float(x0 + w), float(y0 + h))
-                grown = (cand[0] - pad, cand[1] - pad, cand[2] + pad, cand[3] + pad)
-                inside = bounds[0] <= cand[0] and cand[2] <= bounds[2] and bounds[1] <= cand[1] and cand[3] <= bounds[3]
-                if (inside and not any(_overlaps(grown, o) for o in (*markers, *placed))
-                        and not any(_crosses(grown, a, b) for a, b in segments)):
-                    box = cand
-                    break
-            if box:
-                break
+        box = next((c for c in _candidates(x, y, r, w, h, pad) if fits(c)), None)
         out.append(box)
         if box:
             placed.append(box)
     return out
+
+
+def _candidates(x: float, y: float, r: float, w: float, h: float, pad: float):
+    """Label boxes around a marker, nearest first: right, right ±y, left, left ±y, +y, −y."""
+    for d in (r + pad, r + pad + 6, r + pad + 16):
+        for x0, y0 in ((x + d, y - h / 2), (x + d, y + d), (x + d, y - d - h), (x - d - w, y - h / 2),
+                       (x - d - w, y + d), (x - d - w, y - d - h), (x - w / 2, y + d), (x - w / 2, y - d - h)):
+            yield float(x0), float(y0), float(x0 + w), float(y0 + h)
 
 
 def plotted(rows: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -449,12 +445,10 @@ def _svg_legend(pts: list[dict], bg: list[dict]) -> list[str]:
     engines = list(dict.fromkeys(r.get("engine") or "torch" for r in pts))
     items += [(engine_marker(e), "#fff", f"engine: {e}") for e in engines if len(engines) > 1]
     items += [("o", TRIAL, "search trial")] if bg else []
-    items += [("", "", "marker area = size on disk; hover a point for its recipe and numbers")]
     out, x = [], float(SVG_MARGIN[0])
     for marker, color, text in items:
-        if marker:
-            out.append(_shape(marker, x + 6, 20, 5, f'fill="{color}" stroke="#000" stroke-width="0.6"'))
-            x += 16
+        out.append(_shape(marker, x + 6, 20, 5, f'fill="{color}" stroke="#000" stroke-width="0.6"'))
+        x += 16
         out.append(f'<text x="{x:.1f}" y="24" font-size="11">{html.escape(text)}</text>')
         x += text_width(text, 11) + 18
     return out
@@ -478,7 +472,7 @@ def pareto_svg(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None,
     key = metric[0]
     f = _Frame(*_scales(pts, bg, key))
     parts = [f'<svg id="chart" viewBox="0 0 {SVG_W} {SVG_H}" width="{SVG_W}" height="{SVG_H}" role="img" '
-             'aria-label="quality vs decode speed">']
+             'aria-label="quality vs decode speed" font-family="DejaVu Sans,Verdana,sans-serif">']
     parts += _svg_axes(f, metric) + _svg_legend(pts, bg)
     parts += [_point(dict(r, background=True), metric, f.x(r["decode_tokens_per_s"]), f.y(r[key]), 3) for r in bg]
     max_size = max((r.get("size_mb") or 0) for r in pts) if pts else 0
@@ -502,4 +496,6 @@ def pareto_svg(rows: list[dict[str, Any]], metric: tuple[str, str, bool] | None,
                          f'textLength="{box[2] - box[0]:.1f}" lengthAdjust="spacingAndGlyphs">'
                          f'{html.escape(str(pts[i]["name"]))}</text>')
     parts.append("</svg>")
-    return "".join(parts) + '<div id="tip" role="tooltip" hidden></div><script>' + _CHART_JS + "</script>"
+    return ("".join(parts) + '<p class="note">Marker area = size on disk, shape = engine. Hover a point (or reach it '
+            'with Tab) for its recipe and numbers.</p><div id="tip" role="tooltip" hidden></div><script>'
+            + _CHART_JS + "</script>")

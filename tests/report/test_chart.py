@@ -212,6 +212,9 @@ def test_chart_hover_in_headless_chromium(tmp_path):
         trial_text = tip.inner_text()
         page.mouse.move(2, 2)
         tip.wait_for(state="hidden", timeout=5000)
+        page.focus('#chart .pt[data-name="bad · 0:quantize"]')  # keyboard users get the same tooltip
+        tip.wait_for(state="visible", timeout=5000)
+        focus_text = tip.inner_text()
         boxes = page.evaluate("""[...document.querySelectorAll('#chart .lbl, #chart .pt:not(.trial) > *')].map(e => {
             const b = e.getBoundingClientRect(); return [e.tagName, b.left, b.top, b.right, b.bottom]; })""")
         browser.close()
@@ -219,6 +222,7 @@ def test_chart_hover_in_headless_chromium(tmp_path):
     assert "int8 · 0:quantize" in text and "ppl: 20.3 (+1.5% vs baseline)" in text
     assert "decode: 14.5 tok/s (1.45× baseline)" in text and "size: 200.0 MB (0.40× baseline)" in text
     assert "stage 1: quantize(method=dynamic-int8)" in text
+    assert "bad · 0:quantize" in focus_text and "decode: 5.0 tok/s (0.50× baseline)" in focus_text
     assert "trial-1" in trial_text and "search trial" in trial_text and "40.0 tok/s" in trial_text
     labels = [b[1:] for b in boxes if b[0] == "text"]
     shapes = [b[1:] for b in boxes if b[0] != "text"]

@@ -5,9 +5,12 @@ SmolLM2-135M, every row in one run, measured in llama.cpp (llama-cpp-python):
 - llama.cpp's own quantizer (``llama_cpp_quantize``) on lmslim's f32 export: Q8_0, Q4_0, Q4_K_M,
   Q3_K_M, Q2_K, and Q4_0 / Q4_K_M / Q3_K_M with an importance matrix (the same calibration
   statistics lmslim uses: mean squared input per column, 32×256 tokens of builtin:wiki:train);
-- lmslim's exports at the same types: q8_0, q4_0 and q4_k_m (the same per-tensor types as llama.cpp's
-  Q4_K_M: the file sizes are equal), RTN with and without the importance weights, and a per-tensor
-  mix (q4_0 with attn_v/ffn_down at q8_0); ``--gptq`` adds q4_0 GPTQ through ``lmslim export``.
+- lmslim's exports at the same types: q8_0, q4_0, q4_k_m, q3_k_m and q2_k (the mixes give every tensor
+  llama.cpp's type for that preset, its row fallbacks included: the file sizes are equal), RTN with and
+  without the importance weights, and a per-tensor mix (q4_0 with attn_v/ffn_down at q8_0); ``--gptq``
+  adds q4_0 GPTQ through ``lmslim export``; llama.cpp's Q2_K also with the importance matrix.
+``--types q3_k_m,q2_k`` measures only those types' rows (plus the released file and the f32 reference)
+and writes ``results-<types>.json`` instead of ``results.json``; files already in ``--out`` are reused.
 Perplexity on the first ``--max-tokens`` of builtin:wiki:test (lmslim's windows, 512/256, llama.cpp with
 2 threads); decode tok/s at an 8- and a 128-token prompt, 64 greedy tokens, ``--threads`` threads,
 ``--rounds`` rounds with every file interleaved inside each round (median per file), each run in a
@@ -15,7 +18,7 @@ fresh process (``llama_cpp_worker.py``).
 
 Usage:
     .venv/bin/python benchmarks/gguf_bench.py [--out runs/gguf-bench] [--max-tokens 1024] [--rounds 2]
-        [--threads 1] [--gptq]
+        [--threads 1] [--gptq] [--types q3_k_m,q2_k]
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gptq", action="store_true", help="add q4_0 GPTQ on the grid (lmslim export --method gptq)")
+    ap.add_argument("--types", default="", help="comma-separated types to measure (e.g. q3_k_m,q2_k); default all")
     args = ap.parse_args()
+    wanted = {t.strip() for t in args.types.split(",") if t.strip()}
     o = args.out
     o.mkdir(parents=True, exist_ok=True)
 
@@ -81,24 +86,26 @@ def main() -> None:
 
     f32 = mine("f32", type="f32")
     mix = (("blk.*.attn_v.weight", "q8_0"), ("blk.*.ffn_down.weight", "q8_0"))
-    rows = [("released Q4_1 (SmolLM2's own weights)", "q4_1", "release", SMOLLM2.file(SMOLLM2_GGUF)),
-            ("lmslim f32", "f32", "exact", f32),
-            ("llama.cpp Q8_0", "q8_0", "llama.cpp", theirs("Q8_0")),
-            ("lmslim q8_0 RTN", "q8_0", "lmslim rtn", mine("q8_0", type="q8_0")),
-            ("llama.cpp Q4_0", "q4_0", "llama.cpp", theirs("Q4_0")),
-            ("llama.cpp Q4_0 + imatrix", "q4_0", "llama.cpp imatrix", theirs("Q4_0", True)),
-            ("lmslim q4_0 RTN", "q4_0", "lmslim rtn", mine("q4_0", type="q4_0")),
-            ("lmslim q4_0 RTN + importance", "q4_0", "lmslim rtn imp", mine("q4_0-imp", type="q4_0", importance=imp)),
+    # (name, type, method, how to make the file): files are made only for the selected types
+    rows = [("released Q4_1 (SmolLM2's own weights)", "q4_1", "release", lambda: SMOLLM2.file(SMOLLM2_GGUF)),
+            ("lmslim f32", "f32", "exact", lambda: f32),
+            ("llama.cpp Q8_0", "q8_0", "llama.cpp", lambda: theirs("Q8_0")),
+            ("lmslim q8_0 RTN", "q8_0", "lmslim rtn", lambda: mine("q8_0", type="q8_0")),
+            ("llama.cpp Q4_0", "q4_0", "llama.cpp", lambda: theirs("Q4_0")),
+            ("llama.cpp Q4_0 + imatrix", "q4_0", "llama.cpp imatrix", lambda: theirs("Q4_0", True)),
+            ("lmslim q4_0 RTN", "q4_0", "lmslim rtn", lambda: mine("q4_0", type="q4_0")),
+            ("lmslim q4_0 RTN + importance", "q4_0", "lmslim rtn imp",
+             lambda: mine("q4_0-imp", type="q4_0", importance=imp)),
             ("lmslim q4_0 + q8_0 attn_v/ffn_down, importance", "q4_0 mix", "lmslim rtn imp",
-             mine("q4_0-mix-imp", type="q4_0", tensor_types=mix, importance=imp)),
-            ("llama.cpp Q4_K_M", "q4_k_m", "llama.cpp", theirs("Q4_K_M")),
-            ("llama.cpp Q4_K_M + imatrix", "q4_k_m", "llama.cpp imatrix", theirs("Q4_K_M", True)),
-            ("lmslim q4_k_m RTN", "q4_k_m", "lmslim rtn", mine("q4_k_m", type="q4_k_m")),
-            ("lmslim q4_k_m RTN + importance", "q4_k_m", "lmslim rtn imp",
-             mine("q4_k_m-imp", type="q4_k_m", importance=imp)),
-            ("llama.cpp Q3_K_M", "q3_k_m", "llama.cpp", theirs("Q3_K_M")),
-            ("llama.cpp Q3_K_M + imatrix", "q3_k_m", "llama.cpp imatrix", theirs("Q3_K_M", True)),
-            ("llama.cpp Q2_K", "q2_k", "llama.cpp", theirs("Q2_K"))]
+             lambda: mine("q4_0-mix-imp", type="q4_0", tensor_types=mix, importance=imp))]
+    for t, ft in (("q4_k_m", "Q4_K_M"), ("q3_k_m", "Q3_K_M"), ("q2_k", "Q2_K")):
+        rows += [(f"llama.cpp {ft}", t, "llama.cpp", lambda ft=ft: theirs(ft)),
+                 (f"llama.cpp {ft} + imatrix", t, "llama.cpp imatrix", lambda ft=ft: theirs(ft, True)),
+                 (f"lmslim {t} RTN", t, "lmslim rtn", lambda t=t: mine(t, type=t)),
+                 (f"lmslim {t} RTN + importance", t, "lmslim rtn imp",
+                  lambda t=t: mine(f"{t}-imp", type=t, importance=imp))]
+    rows = [(n, t, m, make()) for n, t, m, make in rows
+            if not wanted or m in ("release", "exact") or t.split()[0] in wanted]
     if args.gptq:
         path = o / "lmslim-q4_0-gptq.gguf"
         if not path.exists():
@@ -135,7 +142,7 @@ def main() -> None:
                      f"{r['decode128_tokens_per_s']:.1f} | {r['decode8_tokens_per_s'] / rel8:.2f}× |")
     table = "\n".join(lines)
     print(table)
-    (o / "results.json").write_text(json.dumps({"rows": results, "max_tokens": args.max_tokens,
+    (o / (f"results-{'-'.join(sorted(wanted))}.json" if wanted else "results.json")).write_text(json.dumps({"rows": results, "max_tokens": args.max_tokens,
                                                 "threads_decode": args.threads, "threads_ppl": 2,
                                                 "rounds": args.rounds, "prep_seconds": prep_s,
                                                 "released_decode128": rel128,

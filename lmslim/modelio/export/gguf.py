@@ -11,9 +11,9 @@ Each tensor's type: 1-D norms are always f32; ``token_embd``/``output`` take ``e
 (default q8_0 under a 4-bit type, as llama.cpp keeps a tied embedding, else the base type); every
 other matrix the base ``type``; ``tensor_types`` globs override any matrix. A float weight going to
 a block type is rounded with lmslim's RTN on that type's grid (``gguf_blocks.round_on``; q5_0/q5_1 and
-the k-quants q2_k…q6_k in ``gguf_kquants`` / ``gguf_kquants_low``, optionally weighted by calibration importance, ``gguf_imatrix``;
-k-quant rows not divisible by 256 take llama.cpp's fallback type, listed in the report's
-``fallbacks``); a weight lmslim
+the k-quants q2_k…q6_k in ``gguf_kquants`` / ``gguf_kquants_low``, optionally weighted by calibration
+importance, ``gguf_imatrix``; k-quant rows not divisible by 256 take llama.cpp's fallback type, listed
+in the report's ``fallbacks``); a weight lmslim
 already quantized is written as its codes when its grid is the type's, as exact f32 values for
 ``f32``, and refused otherwise (no silent re-rounding).
 

@@ -1,4 +1,5 @@
-"""ggml's k-quant blocks (Q4_K, Q6_K; Q3_K, Q2_K, Q5_K in ``gguf_kquants_low``) rounded by lmslim and packed byte for byte as ggml lays them out.
+"""ggml's k-quant blocks (Q4_K, Q6_K) rounded by lmslim and packed byte for byte as ggml lays them out
+(Q3_K, Q2_K and Q5_K: ``gguf_kquants_low``, built on this module's searches).
 
 A k-quant super-block holds 256 weights of one row and quantizes the *block parameters* too:
 

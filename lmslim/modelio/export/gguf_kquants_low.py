@@ -52,7 +52,8 @@ def _safe(a: np.ndarray) -> np.ndarray:
 
 
 def _sym_grid(x: np.ndarray, w: np.ndarray, sub: int, half: int, sc_half: int):
-    """Signed two-level grid: d (S,), int sc (S, n) in −sc_half…sc_half−1, codes (S·n, sub) in −half…half−1."""
+    """Signed two-level grid: d (S,), integer sc (S, n) in −sc_half…sc_half−1, codes (S·n, sub) in
+    −half…half−1."""
     n_sb, per = len(x), QK // sub
     xs, ws = x.reshape(-1, sub), w.reshape(-1, sub)  # (S·n, sub)
     s = signed_fit(xs, ws, half, _SPREAD).reshape(n_sb, per)
@@ -131,7 +132,7 @@ def _asym_grid(x: np.ndarray, w: np.ndarray, sub: int, levels: int, top: int):
 
 
 def _super_lsq(x, w, a, b, d, dmin):
-    """fp16 (d ≥ 0, dmin ≥ 0) minimizing Σ w·(d·a − dmin·b − x)² per super-block (rows of (S, 256) arrays)."""
+    """fp16 (d ≥ 0, dmin ≥ 0) minimizing Σ w·(d·a − dmin·b − x)² per super-block (rows of (S, 256))."""
     saa, sab, sbb = (w * a * a).sum(1), (w * a * b).sum(1), (w * b * b).sum(1)
     sax, sbx = (w * a * x).sum(1), (w * b * x).sum(1)
     det = saa * sbb - sab * sab

@@ -217,7 +217,8 @@ def test_chart_hover_in_headless_chromium(tmp_path):
         tip.wait_for(state="visible", timeout=5000)
         focus_text = tip.inner_text()
         # Label boxes as the browser lays them out, on a crowded chart (30 variants in a small area).
-        page.set_content(f"<html><head><style>{CHART_CSS}</style></head><body>{pareto_svg(_crowd(), PPL)}</body></html>")
+        crowded = pareto_svg(_crowd(), PPL)
+        page.set_content(f"<html><head><style>{CHART_CSS}</style></head><body>{crowded}</body></html>")
         boxes = page.evaluate("""[...document.querySelectorAll('#chart .lbl, #chart .pt:not(.trial) > *')].map(e => {
             const b = e.getBoundingClientRect(); return [e.tagName, b.left, b.top, b.right, b.bottom]; })""")
         browser.close()

@@ -63,7 +63,7 @@ def _ggml_quantize(w: np.ndarray, kind: str, imp: np.ndarray | None) -> np.ndarr
     return dequantize(dst, t)
 
 
-@pytest.mark.parametrize("kind", ["q3_k", "q2_k", "q5_k", "q5_1"])
+@pytest.mark.parametrize("kind", ["q3_k", "q2_k", "q5_k", "q5_1", "q4_k"])
 def test_rounding_error_is_below_llama_cpps_own_with_and_without_importance(kind):
     rng = np.random.default_rng(5)
     w = (rng.standard_normal((64, 1024)) * 0.02).astype(np.float32)

@@ -13,10 +13,14 @@ lmslim's rounding (RTN) is a search on the final two-level grid, not only on the
 parameters: (1) each sub-block's (scale, min) is fitted by trying ``_STEPS`` candidate ranges, each
 refined by least squares on its codes (as llama.cpp's ``make_qkx2_quants`` does, but on plain squared
 error or on per-column importance, e.g. calibration ``E[x²]``, instead of ggml's ``|x|``-based
-weights); (2) the sub-block parameters are rounded onto the 6-bit grid of the super-block; (3) codes
-and 6-bit parameters are then refitted alternately on the quantized grid, keeping a change only
-where it lowers the sub-block's error. Rows whose length is not a multiple of 256 cannot hold
-k-quant blocks; the exporter uses llama.cpp's fallback type for them (``FALLBACK``).
+weights); (2) the sub-block parameters are rounded onto the 6-bit grid of the super-block; then, on the
+final grid, alternately: (3) each sub-block's integer scale (and min) is refitted by least squares to
+its codes and re-rounded, and its integer neighbours are tried; (4) the super-block's fp16 ``d`` (and
+``dmin``) is refitted by least squares to the integer sub-scales and codes. After each, the codes are
+re-rounded and a change is kept only where it lowers that (sub-)block's weighted squared error
+(``_asym_grid``; ``_sym_grid`` for the signed Q3_K). Q6_K keeps steps (1)-(2) (``_q6k_grid``: the
+refits gained ~1% there). Rows whose length is not a multiple of 256 cannot hold k-quant blocks; the
+exporter uses llama.cpp's fallback type for them (``FALLBACK``).
 
 Example:
     >>> import numpy as np
@@ -42,7 +46,8 @@ K_TYPES = ("q4_k", "q6_k", "q5_k", "q3_k", "q2_k")
 FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "q5_k": "q5_1", "q3_k": "q4_0", "q2_k": "q4_0"}
 K_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84}
 _STEPS = 24  # candidate ranges per sub-block in step (1)
-_REFITS = 3  # code / parameter refits in step (3)
+_GRID_REFITS = 4  # rounds of (3) and (4)
+_NEIGHBOURS = (-2, -1, 1, 2)  # integer sub-block scales tried around the current one in (3), signed grids
 
 
 def _lsq(x: np.ndarray, q: np.ndarray, w: np.ndarray, nonpos_offset: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -88,31 +93,103 @@ def _to_6bit(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     return d, np.clip(np.rint(values / safe[:, None]), 0, top).astype(np.int32)
 
 
-def _q4k_grid(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K parameters and codes for ``x`` (S, 256): d, dmin (S,), sc, m (S, 8), codes (S, 256)."""
-    n_sb = len(x)
-    xs, ws = x.reshape(-1, 32), w.reshape(-1, 32)  # (S·8, 32)
-    s, o = _fit_asym(xs, ws, 15)
-    d, sc = _to_6bit(s.reshape(n_sb, 8), 63)
-    dmin, m = _to_6bit(-o.reshape(n_sb, 8), 63)
+def _f16(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
 
-    def codes_err(sc, m):
-        step = (d[:, None] * sc.astype(np.float32)).reshape(-1)  # (S·8,)
-        off = (dmin[:, None] * m.astype(np.float32)).reshape(-1)
-        q = np.clip(np.rint((xs + off[:, None]) / np.where(step > 0, step, 1)[:, None]), 0, 15)
-        q = np.where(step[:, None] > 0, q, 0)
-        return q, (ws * (step[:, None] * q - off[:, None] - xs) ** 2).sum(1)
 
-    q, err = codes_err(sc, m)
-    for _ in range(_REFITS):  # step (3): refit each sub-block's 6-bit parameters to its codes
+def _safe(a: np.ndarray) -> np.ndarray:
+    return np.where(a != 0, a, 1)
+
+
+def _sym_grid(x: np.ndarray, w: np.ndarray, sub: int, half: int, sc_half: int, spread: float = 1 / 8):
+    """Signed two-level grid: d (S,), integer sc (S, n) in −sc_half…sc_half−1, codes (S·n, sub) in
+    −half…half−1."""
+    n_sb, per = len(x), QK // sub
+    xs, ws = x.reshape(-1, sub), w.reshape(-1, sub)  # (S·n, sub)
+    s = signed_fit(xs, ws, half, spread).reshape(n_sb, per)
+    ext = np.take_along_axis(s, np.abs(s).argmax(1)[:, None], 1)[:, 0]
+    d = _f16(ext / -sc_half)  # the largest sub-scale lands on −sc_half, as the codes' signed rule
+    sc = np.clip(np.rint(s / _safe(d)[:, None]), -sc_half, sc_half - 1)
+
+    def codes(d, sc):
+        step = (d[:, None] * sc.astype(np.float32)).reshape(-1, 1)  # (S·n, 1)
+        q = np.where(step != 0, np.clip(np.rint(xs / _safe(step)), -half, half - 1), 0)
+        return q, (ws * (step * q - xs) ** 2).sum(1).reshape(n_sb, per)
+
+    def best_scales(d, sc):
+        # (a) on the final grid: each sub-block tries its integer scale's neighbours, keeps the best
+        q, err = codes(d, sc)
+        for k in _NEIGHBOURS:
+            sc2 = np.clip(sc + k, -sc_half, sc_half - 1)
+            q2, err2 = codes(d, sc2)
+            better = err2 < err
+            sc, err = np.where(better, sc2, sc), np.where(better, err2, err)
+        return sc
+
+    sc = best_scales(d, sc)
+    q, err = codes(d, sc)
+    for _ in range(_GRID_REFITS):
+        a = (sc[:, :, None] * q.reshape(n_sb, per, sub)).reshape(n_sb, QK)  # (b) d for the integers sc·q
+        den = (w * a * a).sum(1)
+        d2 = _f16(np.where(den > 0, (w * a * x).sum(1) / np.maximum(den, 1e-30), d))
+        sc2 = best_scales(d2, sc)
+        q2, err2 = codes(d2, sc2)
+        better = err2.sum(1) < err.sum(1)
+        d, sc = np.where(better, d2, d), np.where(better[:, None], sc2, sc)
+        q, err = codes(d, sc)
+    return d, sc.astype(np.int32), q
+
+
+def _asym_grid(x: np.ndarray, w: np.ndarray, sub: int, levels: int, top: int):
+    """``w = d·sc·q − dmin·m``: d, dmin (S,), sc, m (S, n) in 0…top, codes (S·n, sub) in 0…levels."""
+    n_sb, per = len(x), QK // sub
+    xs, ws = x.reshape(-1, sub), w.reshape(-1, sub)  # (S·n, sub)
+    s, o = _fit_asym(xs, ws, levels)
+    d, sc = _to_6bit(s.reshape(n_sb, per), top)
+    dmin, m = _to_6bit(-o.reshape(n_sb, per), top)
+
+    def codes(d, dmin, sc, m):
+        step = (d[:, None] * sc.astype(np.float32)).reshape(-1, 1)  # (S·n, 1)
+        off = (dmin[:, None] * m.astype(np.float32)).reshape(-1, 1)
+        q = np.where(step > 0, np.clip(np.rint((xs + off) / _safe(step)), 0, levels), 0)
+        return q, (ws * (step * q - off - xs) ** 2).sum(1).reshape(n_sb, per)
+
+    def best_params(d, dmin, sc, m):
+        # (a) least squares per sub-block put back on the integer grid, then its neighbours on that grid
+        q, err = codes(d, dmin, sc, m)
         s2, o2 = _lsq(xs, q, ws, nonpos_offset=True)
-        sc2 = np.clip(np.rint(s2.reshape(n_sb, 8) / np.where(d > 0, d, 1)[:, None]), 0, 63).astype(np.int32)
-        m2 = np.clip(np.rint(-o2.reshape(n_sb, 8) / np.where(dmin > 0, dmin, 1)[:, None]), 0, 63).astype(np.int32)
-        q2, err2 = codes_err(sc2, m2)
-        keep = (err2 < err).reshape(n_sb, 8)
-        sc, m = np.where(keep, sc2, sc), np.where(keep, m2, m)
-        q, err = codes_err(sc, m)
-    return d, dmin, sc, m, q.reshape(n_sb, QK).astype(np.uint8)
+        cands = [(np.clip(np.rint(s2.reshape(n_sb, per) / _safe(d)[:, None]), 0, top),
+                  np.clip(np.rint(-o2.reshape(n_sb, per) / _safe(dmin)[:, None]), 0, top))]
+        cands += [(np.clip(sc + i, 0, top), np.clip(m + j, 0, top)) for i in (-1, 0, 1) for j in (-1, 0, 1) if i or j]
+        for sc2, m2 in cands:
+            err2 = codes(d, dmin, sc2, m2)[1]
+            keep = err2 < err
+            sc, m, err = np.where(keep, sc2, sc), np.where(keep, m2, m), np.where(keep, err2, err)
+        return sc, m
+
+    sc, m = best_params(d, dmin, sc, m)
+    q, err = codes(d, dmin, sc, m)
+    for _ in range(_GRID_REFITS):
+        d2, dmin2 = _super_lsq(x, w, (sc[:, :, None] * q.reshape(n_sb, per, sub)).reshape(n_sb, QK),
+                               np.repeat(m, sub, axis=1), d, dmin)  # (b)
+        sc2, m2 = best_params(d2, dmin2, sc, m)
+        q2, err2 = codes(d2, dmin2, sc2, m2)
+        better = err2.sum(1) < err.sum(1)
+        d, dmin = np.where(better, d2, d), np.where(better, dmin2, dmin)
+        sc, m = np.where(better[:, None], sc2, sc), np.where(better[:, None], m2, m)
+        q, err = codes(d, dmin, sc, m)
+    return d, dmin, sc.astype(np.int32), m.astype(np.int32), q
+
+
+def _super_lsq(x, w, a, b, d, dmin):
+    """fp16 (d ≥ 0, dmin ≥ 0) minimizing Σ w·(d·a − dmin·b − x)² per super-block (rows of (S, 256))."""
+    saa, sab, sbb = (w * a * a).sum(1), (w * a * b).sum(1), (w * b * b).sum(1)
+    sax, sbx = (w * a * x).sum(1), (w * b * x).sum(1)
+    det = saa * sbb - sab * sab
+    ok = det > 1e-12 * np.maximum(saa * sbb, 1e-30)
+    d2 = np.where(ok, (sbb * sax - sab * sbx) / _safe(det), d)
+    dmin2 = np.where(ok, (sab * sax - saa * sbx) / _safe(det), dmin)
+    return _f16(np.maximum(d2, 0)), _f16(np.maximum(dmin2, 0))
 
 
 def _pack_q4k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -126,7 +203,8 @@ def _pack_q4k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def _encode_q4k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, dmin, sc, m, q = _q4k_grid(x, w)
+    d, dmin, sc, m, q = _asym_grid(x, w, 32, 15, 63)
+    q = q.reshape(-1, QK).astype(np.uint8)  # (S, 256)
     qs = q.reshape(-1, 4, 2, 32)  # (S, pair, low/high, 32)
     nib = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(-1, 128)
     raw = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2),

@@ -77,6 +77,35 @@ def test_f32_prefill_and_cached_decode_match_pytorch(model, tmp_path):
     assert np.abs(_decode(path, IDS, 1) - ref[:1]).max() < 1e-5 * scale
 
 
+def test_padded_batch_with_attention_mask_matches_each_sequence_alone(model, tmp_path):
+    m, _ = model
+    path = _export(model, tmp_path / "f32", type="f32")
+    sess = session(path, 1)
+    names = [o.name for o in sess.get_outputs()]
+    short, long = IDS[0][:9], IDS[0]
+    alone = [_torch(m, [short])[0], _torch(m, [long])[0]]  # (T, V) each, no padding
+    scale = max(np.abs(a).max() for a in alone)
+    pad = len(long) - len(short)
+    for left in (True, False):  # generation pads on the left; right padding must work too
+        ids = np.array([[0] * pad + short if left else short + [0] * pad, long], np.int64)
+        mask = np.array([[0] * pad + [1] * len(short) if left else [1] * len(short) + [0] * pad, [1] * len(long)])
+        out = sess.run(names, {"input_ids": ids, "attention_mask": mask, **empty_cache(export_meta(path), 2)})
+        real = slice(pad, None) if left else slice(0, len(short))
+        assert np.abs(out[0][0, real] - alone[0]).max() < 1e-5 * scale
+        assert np.abs(out[0][1] - alone[1]).max() < 1e-5 * scale
+        # one decode step through the cache, the mask grown by the new token: still each sequence alone
+        nxt = np.array([[7], [8]], np.int64)
+        feeds = {"input_ids": nxt, "attention_mask": np.concatenate([mask, np.ones((2, 1), np.int64)], 1),
+                 **{n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], out[1:])}}
+        step = sess.run(["logits"], feeds)[0][:, 0]  # (2, V)
+        assert np.abs(step[0] - _torch(m, [short + [7]])[0, -1]).max() < 1e-5 * scale
+        assert np.abs(step[1] - _torch(m, [long + [8]])[0, -1]).max() < 1e-5 * scale
+    # without the mask the padding is read as tokens: the short sequence's logits are not its own
+    ids = np.array([[0] * pad + short, long], np.int64)
+    unmasked = sess.run(["logits"], {"input_ids": ids, **empty_cache(export_meta(path), 2)})[0]
+    assert np.abs(unmasked[0, pad:] - alone[0]).max() > 1e-2 * scale
+
+
 def _quantized(bits, group_size=32, symmetric=False):
     from lmslim.compress.quantize import RTNConfig, quantize_
 

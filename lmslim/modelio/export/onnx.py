@@ -148,6 +148,7 @@ def write_onnx(model, tokenizer, folder: Path, config: ONNXExportConfig) -> dict
     cfg[META_KEY] = {"type": config.type, "export": asdict(config), "layers": layers, "model_file": MODEL_FILE,
                      "inputs": ["input_ids"] + [f"past_key_values.{i}.{k}" for i in range(len(layers))
                                                 for k in ("key", "value")],
+                     "optional_inputs": ["attention_mask"],
                      "cost": _cost(model, tally, layers)}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     size = sum(p.stat().st_size for p in folder.iterdir() if p.name in (MODEL_FILE, DATA_FILE))

@@ -8,11 +8,16 @@ ONNX ops (opset 18) everywhere except the quantized matrices, which are ONNX Run
 Graph (``B`` batch, ``S`` new tokens, ``P`` cached tokens, ``T = P + S``; all axes dynamic):
 
 - inputs ``input_ids`` (B, S) int64 and, per layer i, ``past_key_values.i.key|value`` (B, kv_i, P, d);
+  optional ``attention_mask`` (B, T) int64, 1 for a token and 0 for padding, covering the cached and
+  the new tokens as in transformers (default: no padding);
 - outputs ``logits`` (B, S, V) float32 and ``present.i.key|value`` (B, kv_i, T, d).
 
-The new tokens sit at positions ``P .. T-1`` (read from the cache's length), so a prefill is a
-call with empty (P = 0) caches and a decode step feeds back the ``present`` tensors. There is no
-attention mask input: every sequence of a batch has the same length (no padding).
+A prefill is a call with empty (P = 0) caches and a decode step feeds back the ``present`` tensors.
+Without a mask the new tokens sit at positions ``P .. T-1`` (read from the cache's length). With one,
+a padded batch runs as transformers runs it: each token's position is the number of real tokens
+before it (``cumsum(mask) − 1``, so left padding does not shift positions) and no query attends to a
+padded key. The mask is an input with a default value (an initializer of the same name: a (1, 1)
+one, broadcast to (B, T)), so callers that never pad leave it out.
 
 Per layer: RMSNorm (x / sqrt(mean(x²) + eps) · w, the form ORT fuses into its own kernel), q/k/v
 projections, rotary embedding in Hugging Face's half-split layout from cos/sin tables computed as
@@ -71,7 +76,7 @@ def _rms_norm(g: GraphBuilder, x: str, norm, hint: str) -> str:
 
 
 def _rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
-    """x·cos + rotate_half(x)·sin for x (B, h, S, d); cos/sin (S, d)."""
+    """x·cos + rotate_half(x)·sin for x (B, h, S, d); cos/sin (B, 1, S, d)."""
     x1, x2 = g.op("Split", [x], n_out=2, axis=-1, num_outputs=2)
     rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
@@ -114,7 +119,8 @@ def _mlp(g: GraphBuilder, x: str, mlp, i: int) -> str:
 
 
 def _positions(g: GraphBuilder, model) -> dict:
-    """Positions of the new tokens, their cos/sin rows and the causal mask (S, T), shared by all layers."""
+    """Positions of the new tokens, their cos/sin rows (B, 1, S, d) and the additive attention mask
+    (B, 1, 1, S, T): causal on cache slots and closed to padded keys; shared by all layers."""
     rotary = model.model.rotary_emb
     limit = int(model.config.max_position_embeddings)
     with torch.no_grad():  # as LlamaRotaryEmbedding.forward computes them, in float32
@@ -123,17 +129,31 @@ def _positions(g: GraphBuilder, model) -> dict:
         cos, sin = emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
     past = g.op("Shape", ["past_key_values.0.key"], start=2, end=3)
     new = g.op("Shape", ["input_ids"], start=1, end=2)
+    end = g.op("Add", [past, new])  # (1,) = T
     scalar = g.const(np.array([0], np.int64), "axis0")
     start = g.op("Squeeze", [past, scalar])
-    total = g.op("Squeeze", [g.op("Add", [past, new]), scalar])
+    total = g.op("Squeeze", [end, scalar])
     one, zero = g.const(np.int64(1), "one"), g.const(np.int64(0), "zero")
-    pos = g.op("Range", [start, total, one], "positions")  # (S,)
-    keys = g.op("Range", [zero, total, one], "key_positions")  # (T,)
-    allowed = g.op("LessOrEqual", [keys, g.op("Unsqueeze", [pos, g.const(np.array([1], np.int64), "axis1")])])
+    slots = g.op("Range", [start, total, one], "query_slots")  # (S,) cache slots of the new tokens
+    keys = g.op("Range", [zero, total, one], "key_slots")  # (T,)
+    causal = g.op("LessOrEqual", [keys, g.op("Unsqueeze", [slots, g.const(np.array([1], np.int64), "axis1")])])
+    g.inits.append(numpy_helper.from_array(np.ones((1, 1), np.int64), "attention_mask"))  # the default
+    shape = g.op("Concat", [g.op("Shape", ["input_ids"], start=0, end=1), end], axis=0)
+    present = g.op("Expand", ["attention_mask", shape], "mask_bt")  # (B, T)
+    pos = g.op("Sub", [g.op("CumSum", [present, g.const(np.int64(1), "axis")]), one])  # (B, T) transformers' rule
+    pos = g.op("Max", [g.op("Slice", [pos, past, end, g.const(np.array([1], np.int64), "axis1")]), zero],
+               "positions")  # (B, S); a padded token's −1 reads row 0, which nothing attends to
+    keep = g.op("Unsqueeze", [g.op("Cast", [present], to=TensorProto.BOOL),
+                              g.const(np.array([1, 2, 3], np.int64), "axes")])  # (B, 1, 1, 1, T)
+    allowed = g.op("And", [causal, keep])  # (B, 1, 1, S, T)
+    # finite, not −inf: a padded query that sees no key gets a uniform row instead of NaNs that the
+    # next layer's matmuls would spread to every token (0·NaN is NaN)
     mask = g.op("Where", [allowed, g.const(np.float32(0), "zero_f"),
-                          g.const(np.float32(np.finfo(np.float32).min), "neg")], "causal_mask")  # (S, T)
-    return {"cos": g.op("Gather", [g.const(cos.numpy(), "rope_cos"), pos], "cos"),
-            "sin": g.op("Gather", [g.const(sin.numpy(), "rope_sin"), pos], "sin"), "mask": mask}
+                          g.const(np.float32(np.finfo(np.float32).min), "neg")], "attention_bias")
+    axis1 = g.const(np.array([1], np.int64), "axis1")
+    return {"cos": g.op("Unsqueeze", [g.op("Gather", [g.const(cos.numpy(), "rope_cos"), pos]), axis1], "cos"),
+            "sin": g.op("Unsqueeze", [g.op("Gather", [g.const(sin.numpy(), "rope_sin"), pos]), axis1], "sin"),
+            "mask": mask}
 
 
 def embedding_table(model) -> torch.Tensor:
@@ -170,7 +190,8 @@ def build_graph(model, encode_linear, quantize_head: bool = False):
     ctx = {"head_dim": d, **_positions(g, model)}
     embed = g.const(table.numpy(), "embed_tokens")
     x = g.op("Gather", [embed, "input_ids"], "embeddings")  # (B, S, H)
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
     outputs, layers = [], []
     for i, block in enumerate(base.layers):
         attn, n_q, n_kv = _attention(g, _rms_norm(g, x, block.input_layernorm, f"l{i}.attn_norm"),

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q --disable-pip-version-check -e '.[dev,parquet,engines]'
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q --disable-pip-version-check -e '.[dev,parquet,engines,search]'
 	touch $(STAMP)
 
 test: $(STAMP)

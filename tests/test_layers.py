@@ -1,6 +1,6 @@
 """The package's layer drawing, checked: a package imports only its own layer and the ones below.
 
-core < nn < {modelio, assets} < data < measure < train < compress < {recipes, report} < cli.
+core < nn < {modelio, assets} < data < measure < train < compress < {recipes, report} < search < cli.
 Function-level imports count too: a lazy import is still an arrow.
 """
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import lmslim
 
 LAYERS = [{"core", "__version__"}, {"nn"}, {"modelio", "assets"}, {"data"}, {"measure"}, {"train"}, {"compress"},
-          {"recipes", "report"}, {"cli", "__main__"}]
+          {"recipes", "report"}, {"search"},
+          {"cli", "__main__"}]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 ROOT = Path(lmslim.__file__).parent
 

@@ -291,7 +291,7 @@ def compare_cmd(results: list[Path] = typer.Argument(..., help="eval/bench JSON 
 
 
 # Commands that live in their own modules register themselves on ``app`` when imported.
-_COMMAND_MODULES = ("prune_cmd", "train_cmd", "distill_cmd", "pipeline_cmd", "export_cmd")
+_COMMAND_MODULES = ("prune_cmd", "train_cmd", "distill_cmd", "pipeline_cmd", "export_cmd", "search_cmd")
 
 
 def _register_commands() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -282,9 +283,16 @@ def run_search(config: SearchConfig, out: Path, say: Callable[[str], None] = log
     check_writable(out, "--out", inside=out.exists())
     if out.exists() and not (out / "search.yaml").is_file() and any(out.iterdir()):
         raise UserError(f"output {out} exists and is not a search folder; choose a new --out")
+    _check_storage_url(config.storage)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        study = open_study(plan, out)
+    except UserError:
+        if created:  # nothing of a run that could not start stays behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     _write_settings(out, config)
-    study = open_study(plan, out)
     t0 = time.monotonic()
     objective = make_objective(plan, out)
     while True:
@@ -302,6 +310,18 @@ def run_search(config: SearchConfig, out: Path, say: Callable[[str], None] = log
             "the study is complete (run the command again to continue)")
         return {"finished": False, "trials_finished": done}
     return finish(study, plan, out, say)
+
+
+def _check_storage_url(url: str | None) -> None:
+    """A storage URL SQLAlchemy cannot even parse, or whose driver is missing, fails before anything is made."""
+    if url is None:
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).get_dialect()
+    except Exception as e:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError of a driver
+        raise UserError(f"cannot open --storage {url}: {str(e).splitlines()[0][:200]}") from None
 
 
 def _write_settings(out: Path, config: SearchConfig) -> None:

@@ -42,7 +42,10 @@ def test_search_finds_reproducible_best_and_resumes(block_model, texts, tmp_path
     # Every re-measured variant is a complete compress result the report draws; trials are its grey points.
     rows = json.loads((out / "report" / "rows.json").read_text())
     assert sum(not r["background"] for r in rows) == 1 + len(front)  # the input and the front
-    assert sum(r["background"] for r in rows) >= 1
+    finals = {json.loads(p.read_text())["variants"][-1]["weights_sha256"] for p in out.glob("trials/*/results.json")}
+    shown = {json.loads((out / "trials" / r["recipe"] / "results.json").read_text())["variants"][-1]["weights_sha256"]
+             for r in front} | {json.loads(next(out.glob("trials/*/results.json")).read_text())["input"]["weights_sha256"]}
+    assert sum(r["background"] for r in rows) == len(finals - shown)  # every other trial, once, in grey
     # best.yaml reproduces the variant: same weights, same full-window perplexity.
     again = tmp_path / "again"
     assert main(["compress", "--recipe", str(out / "best.yaml"), "--out", str(again), "--threads", "1"]) == 0
@@ -83,3 +86,56 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(block_mo
     computed = [t.user_attrs["recipe"] for t in finished if t.state.name == "COMPLETE" and not t.user_attrs["reused"]]
     assert len(computed) == len(set(computed))  # a recipe drawn twice was run once, then read back
     assert (out / "best.yaml").is_file() and (out / "report" / "report.html").is_file()
+
+
+def test_search_in_llama_cpp_measures_gguf_files(block_model, texts, tmp_path, capsys):
+    from tests.engines import require_engines
+
+    require_engines("llama_cpp")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"neurons": [0, 0.25], "layers": [0], "kd_steps": [2], "gguf_type": ["q8_0", "q4_0"],
+                                     "gguf_method": ["rtn"], "importance": [False], "embed_type": ["default"]}))
+    out = tmp_path / "search"
+    assert main(_args(block_model, texts, out, space, 3, engine="llama.cpp")) == 0, capsys.readouterr().err
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["front"] and all(r["engine"] == "llama.cpp" for r in summary["front"])
+    for row in summary["front"]:  # each front variant is the trial's GGUF file, measured in llama.cpp
+        res = json.loads((out / "front").glob(f"*-{row['recipe']}").__next__().joinpath("results.json").read_text())
+        assert res["variants"][-1]["model"].endswith("model.gguf")
+        assert res["variants"][-1]["eval"]["engine"]["name"] == "llama.cpp"
+    stages = yaml.safe_load((out / "best.yaml").read_text())["stages"] if summary["best"] else []
+    assert not stages or stages[-1]["export"]["format"] == "gguf"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--budget": "ppl<5"}, "cannot parse budget term"),
+    ({"--objective": "speed"}, "unknown objective"),
+    ({"--engine": "tensorrt"}, "unknown engine"),
+    ({"--time": "soon"}, "--time takes a duration"),
+    ({"space": {"quant": []}}, "search space is empty after constraints"),
+    ({"space": {"gguf_type": ["q8_0"]}}, "not a dimension of engine torch"),
+    ({"--storage": "nosuchdb://x"}, "cannot open --storage"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(block_model, texts, tmp_path, capsys, change, message):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(change.get("space", TORCH_SPACE)))
+    out = tmp_path / "search"
+    args = _args(block_model, texts, out, space, 2)
+    for flag, value in change.items():
+        if flag.startswith("--"):
+            args = args[:args.index(flag)] + [flag, value] + args[args.index(flag) + 2:] if flag in args \
+                else args + [flag, value]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_missing_engine_is_refused_before_anything_is_written(block_model, texts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"gguf_type": ["q8_0"]}))
+    out = tmp_path / "search"
+    assert main(_args(block_model, texts, out, space, 2, engine="llama.cpp")) == 2
+    assert "llama" in capsys.readouterr().err and not out.exists()

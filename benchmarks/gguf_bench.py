@@ -3,12 +3,12 @@
 SmolLM2-135M, every row in one run, measured in llama.cpp (llama-cpp-python):
 - the released Q4_1 file (its weights define SmolLM2: Q4_1 of them is lossless, never a result);
 - llama.cpp's own quantizer (``llama_cpp_quantize``) on lmslim's f32 export: Q8_0, Q4_0, Q4_K_M,
-  Q3_K_M, Q2_K, and Q4_0 / Q4_K_M / Q3_K_M with an importance matrix (the same calibration
+  Q3_K_M, Q2_K, and Q4_0 / Q4_K_M / Q3_K_M / Q2_K with an importance matrix (the same calibration
   statistics lmslim uses: mean squared input per column, 32×256 tokens of builtin:wiki:train);
 - lmslim's exports at the same types: q8_0, q4_0, q4_k_m, q3_k_m and q2_k (the mixes give every tensor
   llama.cpp's type for that preset, its row fallbacks included: the file sizes are equal), RTN with and
   without the importance weights, and a per-tensor mix (q4_0 with attn_v/ffn_down at q8_0); ``--gptq``
-  adds q4_0 GPTQ through ``lmslim export``; llama.cpp's Q2_K also with the importance matrix.
+  adds q4_0 GPTQ through ``lmslim export``.
 ``--types q3_k_m,q2_k`` measures only those types' rows (plus the released file and the f32 reference)
 and writes ``results-<types>.json`` instead of ``results.json``; files already in ``--out`` are reused.
 Perplexity on the first ``--max-tokens`` of builtin:wiki:test (lmslim's windows, 512/256, llama.cpp with

@@ -31,7 +31,7 @@ def export_cmd(
     format: Optional[str] = typer.Option(None, "--format", help="gguf (llama.cpp) | onnx (ONNX Runtime; a folder). "
                                          "Default: gguf for an --out ending in .gguf."),
     type: Optional[str] = typer.Option(None, "--type", help="Weight type of the matrices: gguf f32, f16 (default), "
-                                       "q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, q4_k_m; onnx f32 (default), int8, int4."),
+                                       "q8_0, q4_0, q4_1, q5_0, q5_1, q2_k…q6_k, mixes q4_k_m, q3_k_m, q2_k; onnx f32 (default), int8, int4."),
     method: Optional[str] = typer.Option(None, "--method", help="How float weights are rounded onto a block type: "
                                          "rtn (default) | gptq (gguf; calibrated on --calib)."),
     calib: str = typer.Option("builtin:wiki:train", "--calib", help="gptq / --importance: calibration text."),

@@ -38,7 +38,8 @@ class ExportConfig:
 
     Args:
         format: hf (the Hugging Face folder), gguf (llama.cpp) or onnx (ONNX Runtime).
-        type: weight type of the matrices (gguf: f32, f16, q8_0, q4_0, q4_1, q5_0, q4_k, q6_k, q4_k_m...;
+        type: weight type of the matrices (gguf: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q3_k, q4_k, q5_k, q6_k,
+            the mixes q4_k_m, q3_k_m, q2_k;
             onnx: f32, int8, int4). Default: the format's own (gguf f16, onnx f32).
         method: rtn | gptq (gptq calibrates on the recipe's calibration data; gguf block types only).
         calib_samples, seq_len: gptq calibration size.

@@ -45,6 +45,15 @@ def pareto(plan, trials: list) -> list:
     return sorted(front, key=lambda t: _key(plan, tuple(t.values))[1])
 
 
+def spread(plan, front: list, k: int) -> list:
+    """At most ``k`` front points: the best objective always, the rest evenly along the front."""
+    front = sorted(front, key=lambda t: _key(plan, tuple(t.values))[1])
+    if len(front) <= k:
+        return front
+    picks = {round(i * (len(front) - 1) / (k - 1)) for i in range(k)} if k > 1 else {0}
+    return [t for i, t in enumerate(front) if i in picks]
+
+
 def feasible(trial) -> bool:
     return all(v <= 0 for v in trial.user_attrs.get("constraints", [0.0]))
 
@@ -55,7 +64,7 @@ def _complete(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
 
 
-def _describe(trial) -> str:
+def describe(trial) -> str:
     parts = []
     for s in trial.user_attrs.get("stages", []):
         (name, o), = s.items()
@@ -89,7 +98,7 @@ def progress_line(study, plan, total: int) -> str:
     if not finished:
         return "no trial finished yet"
     last = max(finished, key=lambda t: t.datetime_complete or t.datetime_start)
-    head = f"trial {last.number} ({len(finished)}/{total}) {_describe(last)}: "
+    head = f"trial {last.number} ({len(finished)}/{total}) {describe(last)}: "
     if last.state != TrialState.COMPLETE:
         head += f"{last.state.name.lower()}: {last.user_attrs.get('error', 'stopped')}"
     else:
@@ -161,11 +170,10 @@ def finish(study, plan, out: Path, say: Callable[[str], None]) -> dict[str, Any]
     cfg = plan.config
     complete = _complete(study)
     within = [t for t in complete if feasible(t)]
-    chosen = (pareto(plan, within) or pareto(plan, complete))
-    chosen = sorted(chosen, key=lambda t: _key(plan, tuple(t.values))[1])[:cfg.front_max]
+    chosen = spread(plan, pareto(plan, within) or pareto(plan, complete), cfg.front_max)
     base = {"label": "input model", "spec": cfg.model, "weights": resolve(cfg.model).weights_hash(),
             "engine": "torch"}
-    variants = [base] + [{"label": f"#{t.number} {_describe(t)}", "spec": _variant_spec(out, t), "trial": t,
+    variants = [base] + [{"label": f"#{t.number} {describe(t)}", "spec": _variant_spec(out, t), "trial": t,
                           "weights": t.user_attrs["numbers"]["weights_sha256"],
                           "engine": t.user_attrs["numbers"]["engine"]} for t in chosen]
     if variants[1:]:
@@ -175,7 +183,7 @@ def finish(study, plan, out: Path, say: Callable[[str], None]) -> dict[str, Any]
         t = v["trial"]
         ok = all(term.violation(_value(v, term.metric), _value(base, term.metric)) <= 0
                  if _value(v, term.metric) is not None else False for term in plan.terms)
-        row = {"trial": t.number, "recipe": t.user_attrs["recipe"], "describe": _describe(t), "engine": v["engine"],
+        row = {"trial": t.number, "recipe": t.user_attrs["recipe"], "describe": describe(t), "engine": v["engine"],
                "techniques": t.user_attrs.get("techniques"), "within_budget": ok,
                "proxy": {plan.quality[0]: t.values[0], plan.objective.name: t.values[1]},
                "full": {m: _value(v, m) for m in dict.fromkeys([*plan.metrics(), "size_mb"])},
@@ -218,7 +226,7 @@ def _write_front(out: Path, plan, variants: list[dict[str, Any]]) -> None:
                  "eval": base["eval"], "bench": base["bench"], "stage_report": None},
                 {"name": f"search #{t.number} · {len(stages) - 1}:{last}", "stage": last, "model": v["spec"],
                  "weights_sha256": v["weights"], "eval": v["eval"], "bench": v["bench"],
-                 "stage_report": {"stages": stages, "describe": _describe(t)}}]
+                 "stage_report": {"stages": stages, "describe": describe(t)}}]
             atomic_write_json(d / "results.json", {
                 "kind": "compress", "recipe": f"search #{t.number}", "input": {"spec": base["spec"],
                                                                               "weights_sha256": base["weights"]},
@@ -238,7 +246,7 @@ def _summary(study, plan, front_rows, best, extra) -> dict[str, Any]:
         if len(kinds) == 1 and feasible(t):
             cur = singles.get(kinds[0])
             if cur is None or _key(plan, tuple(t.values))[1] < _key(plan, (cur["proxy"][0], cur["proxy"][1]))[1]:
-                singles[kinds[0]] = {"trial": t.number, "describe": _describe(t), "proxy": list(t.values)}
+                singles[kinds[0]] = {"trial": t.number, "describe": describe(t), "proxy": list(t.values)}
     return {"config": plan.config.identity() | {"trials": plan.config.trials}, "budget": plan.config.budget,
             "quality": plan.quality[0], "objective": plan.objective.name, "engine": plan.config.engine,
             "trials": {"total": len(trials), "complete": len(complete),

@@ -64,13 +64,14 @@ def _print_variants(results: dict) -> None:
 @app.command()
 def report(runs: list[Path] = typer.Argument(..., help="compress output folders; the first one's baseline is the reference."),
            out_dir: Path = typer.Option(..., "--out", help="Report folder (report.md, report.html, pareto.png)."),
+           background: list[Path] = typer.Option([], "--background", help="More runs drawn as grey points only "
+                                                  "(e.g. a search's trials: not in the table or the front)."),
            overwrite: bool = typer.Option(False, "--overwrite")) -> None:
     """Quality-vs-cost report with a Pareto chart and a per-variant speed verdict."""
     from lmslim.report.build import build_report
 
-
-    guard_out(out_dir, inputs=runs, overwrite=overwrite)
-    res = build_report(runs, out_dir)
+    guard_out(out_dir, inputs=[*runs, *background], overwrite=overwrite)
+    res = build_report(runs, out_dir, background_dirs=background)
     front = [r["name"] for r in res["rows"] if r["pareto"]]
     out.print(f"{len(res['rows'])} variants; Pareto front: {', '.join(front) or '–'}")
     out.print(f"wrote {out_dir / 'report.md'}, {out_dir / 'report.html'}, {out_dir / 'pareto.png'}")

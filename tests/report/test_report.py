@@ -258,3 +258,12 @@ def test_report_names_model_data_task_and_windows(tmp_path):
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "builtin:smollm2-135m" in html and "builtin:wiki:test" in html and "each starting with &lt;s&gt;" in html
     assert res["setup"][0]["data"].startswith("builtin:wiki:test")
+
+
+def test_report_cli_background_runs_are_grey_points_only(runs, tmp_path):
+    out = tmp_path / "rep"
+    assert main(["report", str(runs[0]), "--background", str(runs[1]), "--out", str(out)]) == 0
+    rows = json.loads((out / "rows.json").read_text())
+    assert {r["name"] for r in rows if not r["background"]} == {"baseline", "int8"}
+    assert {r["name"] for r in rows if r["background"]} >= {"wanda", "bad"}
+    assert "wanda" not in (out / "report.md").read_text().split("Grey points")[0]  # not a table row

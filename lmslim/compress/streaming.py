@@ -47,6 +47,7 @@ from torch import nn
 
 from lmslim.compress.calibration import STREAM_ATTR, ActivationStore
 from lmslim.core.errors import UserError
+from lmslim.core.hostmem import map_large_allocations, return_free_memory
 from lmslim.modelio.stream import ShardWriter, StreamedModel, open_streamed
 from lmslim.nn.blocks import transformer_blocks
 from lmslim.nn.quant_linear import QuantLinear
@@ -125,6 +126,8 @@ class BlockStream:
                 for key, value in list(vars(mod).items()):
                     if isinstance(value, (torch.Tensor, torch.ScriptObject)):
                         setattr(mod, key, None)
+        self.source.reader.evict(f"{self.source.path}.{index}.")  # its pages are unmapped now
+        return_free_memory()
 
     def captured(self) -> None:
         """After the first block's inputs are captured: write and free what lies outside the blocks.
@@ -146,6 +149,8 @@ class BlockStream:
                 for key, b in mod._buffers.items():
                     if b is not None:
                         mod._buffers[key] = b.to("meta")
+            self.source.reader.evict("", exclude=(inside,))  # unmapped now: drop their pages
+            return_free_memory()
 
     def store(self) -> ActivationStore:
         # a block's inputs and its outputs are alive together: each gets half the bound
@@ -214,6 +219,9 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
     method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
     check_streamable(stage, method, config)
     source = open_streamed(folder, dtype=runtime.dtype, device=runtime.device, quantized_ok=False)
+    # whatever of the input is cached (a caller's hash of the weights read it all) is charged to this
+    # process's cgroup: drop it; blocks are read again when their turn comes (mapped pages stay)
+    source.reader.evict("")
     model, tokenizer, hf_config = source.model, source.tokenizer, source.model.config
     if callable(calib):
         calib = calib(tokenizer)
@@ -223,6 +231,9 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
         if max_activation_mb * 1e6 / 2 < one:
             raise UserError(f"max_activation_mb {max_activation_mb:g} is below what one block needs: a calibration "
                             f"batch's input and output ({2 * one / 1e6:.1f} MB); raise it or lower batch_size/seq_len")
+    # Each block allocates and frees Hessians and activations of many MB: as separate mappings they go
+    # back to the OS when freed, instead of piling up in glibc's heap (lmslim.core.hostmem)
+    map_large_allocations()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lmslim-spill-") as spill, atomic_dir(out) as tmp:
         writer = ShardWriter(tmp)

@@ -210,6 +210,28 @@ class ShardReader:
                 raise _damaged(f, e) from e
         return out
 
+    def evict(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:
+        """Drop the byte ranges of the tensors under ``prefix`` (none of ``exclude``) from the page cache.
+
+        Pages read through the mmap are charged to the reading process's memory cgroup; they are clean
+        and reclaimable, but a cgroup near its limit reclaims them only under pressure, slowly, while
+        the block loop needs the room. ``POSIX_FADV_DONTNEED`` drops them as soon as a block is done
+        (only ranges no longer mapped go; other blocks' pages in the same shard stay).
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for f, names in self._by_file(prefix).items():
+            try:
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                    start = 8 + n  # tensor data offsets count from the end of the header
+                    for name in (n for n in names if not any(n.startswith(e) for e in exclude)):
+                        lo, hi = header[name]["data_offsets"]
+                        os.posix_fadvise(fh.fileno(), start + lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            except (OSError, ValueError, KeyError) as e:  # advisory only: a read error surfaces on load
+                log.debug("page-cache eviction of %s skipped: %s", f, e)
+
 
 class ShardWriter:
     """Writes each ``write(tensors)`` call as one shard; ``finish`` names them and writes the index."""

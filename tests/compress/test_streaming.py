@@ -172,3 +172,47 @@ def test_streaming_fits_a_memory_limit_the_in_memory_path_does_not(tmp_path, cal
     in_memory = limited_run([*cmd, "--out", str(tmp_path / "m")], limit_mb)
     assert in_memory["rc"] != 0 and in_memory["oom_kills"] >= 1
     assert not (tmp_path / "m").exists()
+
+
+EVICT_CHILD = """
+import json, os, sys
+from lmslim.modelio.stream import ShardReader
+
+def cache_mb():
+    group = next(ln.strip().split(":")[2] for ln in open("/proc/self/cgroup") if ln.split(":")[1] == "memory")
+    stat = dict(ln.split() for ln in open("/sys/fs/cgroup/memory" + group + "/memory.stat"))
+    return int(stat["cache"]) / 2**20
+
+reader = ShardReader(sys.argv[1])
+reader.evict("")  # pages the writer left cached were charged to the parent: start from none
+before = cache_mb()
+tensors = reader.load("model.layers.0.")
+total = sum(float(t.sum()) for t in tensors.values())  # touch every page: they are now charged here
+read = cache_mb()
+del tensors
+reader.evict("model.layers.0.")
+print(json.dumps({"before": before, "read": read, "evicted": cache_mb()}))
+"""
+
+
+def test_evicting_a_freed_block_takes_its_pages_off_the_cgroup_charge(tmp_path):
+    """Pages read through the mmap are charged to the reader's cgroup; ``evict`` hands them back after a block."""
+    from safetensors.torch import save_file
+
+    from benchmarks.stream_bench import cgroup_writable, limited_run
+
+    if not cgroup_writable():
+        if os.environ.get("LMSLIM_REQUIRE_ROOT_FS"):
+            pytest.fail("LMSLIM_REQUIRE_ROOT_FS is set but the cgroup v1 memory controller is not writable")
+        pytest.skip("needs a writable cgroup v1 memory controller (root)")
+    gen = torch.Generator().manual_seed(0)
+    save_file({"model.layers.0.w": torch.randn(4096, 1024, generator=gen),  # 16 MB
+               "model.layers.1.w": torch.randn(4096, 1024, generator=gen)}, str(tmp_path / "model.safetensors"))
+    fd = os.open(tmp_path / "model.safetensors", os.O_RDONLY)
+    os.fsync(fd)  # written back, so the child's evict("") can drop every page the parent's write cached
+    os.close(fd)
+    r = limited_run([os.sys.executable, "-c", EVICT_CHILD, str(tmp_path)], 1000)
+    assert r["rc"] == 0, r["stderr"][-2000:]
+    mb = json.loads(r["stdout"].strip().splitlines()[-1])
+    assert mb["read"] - mb["before"] > 14  # the block's 16 MB came in as page cache charged to the child
+    assert mb["read"] - mb["evicted"] > 14  # and left with evict (block 1's pages were never read)

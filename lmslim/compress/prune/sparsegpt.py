@@ -76,6 +76,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     h[dead, dead] = 1
     w[:, dead] = 0
     u = inverse_hessian_factor(h, damp)  # upper Cholesky factor of H⁻¹
+    del h
     keep = torch.ones(out, k, dtype=torch.bool)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
@@ -123,7 +124,7 @@ def _sparsegpt(model, config: SparseGPTConfig, calib: torch.Tensor) -> dict:
         finally:
             stats.remove()
         for name, mod in mods.items():
-            h = hessians[name] * (2 / max(counts[name], 1))
+            h = hessians.pop(name).mul_(2 / max(counts[name], 1))  # in place, and freed after this matrix
             w = linear_weight(mod)
             new = sparsegpt_prune(w, h, config.sparsity_for(name), config.n_m, config.damp, config.block_size)
             delta = w - new

@@ -119,7 +119,9 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     else:
         raise UserError("GPTQ: the Hessian is not positive definite even after extra dampening; "
                         "use more calibration samples or a larger damp")
+    del h  # K² each: hold at most two of these at once (streaming bounds memory by one block's working set)
     hinv = torch.cholesky_inverse(lower)
+    del lower
     return torch.linalg.cholesky(hinv, upper=True)
 
 
@@ -142,9 +144,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     if static:
         scale, offset = group_params(w, scheme, clip_search)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
-    w = w[:, perm]
-    h = h[perm][:, perm]
+    if act_order:  # (permuting by arange would only copy h twice)
+        w = w[:, perm]
+        h = h[perm][:, perm]
     u = inverse_hessian_factor(h, damp)
+    del h
     codes = torch.zeros(out, k)
     if not static:
         block_size = max(g, (block_size // g) * g)  # group starts must fall inside the block being fitted
@@ -262,9 +266,10 @@ def _gptq(model, config: GPTQConfig, calib: torch.Tensor | None) -> dict:
                     run_block_until(block, inp, list(mods.values()))
             finally:
                 stats.remove()
-            hessians = {n: h * (2 / max(counts[n], 1)) for n, h in hessians.items()}
+            for n, h in hessians.items():
+                h.mul_(2 / max(counts[n], 1))  # in place: a second set of K² Hessians would double the peak
         for name, mod in mods.items():
-            h = hessians[name]
+            h = hessians.pop(name)
             w = linear_weight(mod)
             codes, scale, offset = gptq_quantize(w, h, scheme, config.damp, config.act_order, config.block_size,
                                                  config.clip_search)

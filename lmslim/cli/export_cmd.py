@@ -3,7 +3,7 @@
 A one-stage recipe: the flags are the ``export`` stage's keys (``lmslim.compress.export.ExportConfig``),
 parsed and run by the stage itself, as ``lmslim compress`` runs it, so a flag and a recipe key cannot
 mean different things. Float weights going to a block type are rounded on that type's own grid with
-the chosen method (RTN, or GPTQ calibrated on ``--calib``); a model lmslim already quantized on the
+the chosen method (RTN, or GPTQ / AWQ calibrated on ``--calib``); a model lmslim already quantized on the
 type's grid is written code for code. The file (or ONNX folder) appears whole or not at all.
 """
 
@@ -33,7 +33,7 @@ def export_cmd(
     type: Optional[str] = typer.Option(None, "--type", help="Weight type of the matrices: gguf f32, f16 (default), "
                                        "q8_0, q4_0, q4_1, q5_0, q5_1, q2_k…q6_k, mixes q4_k_m, q3_k_m, q2_k; onnx f32 (default), int8, int4."),
     method: Optional[str] = typer.Option(None, "--method", help="How float weights are rounded onto a block type: "
-                                         "rtn (default) | gptq (gguf; calibrated on --calib)."),
+                                         "rtn (default) | gptq | awq | awq_gptq (gguf; calibrated on --calib)."),
     calib: str = typer.Option("builtin:wiki:train", "--calib", help="gptq / --importance: calibration text."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="gptq / --importance: samples "
                                                 "(default 128)."),
@@ -104,6 +104,7 @@ def _export(model: str, out_file: Path, options: dict, calib: str, overwrite: bo
     out.print(f"{stage.format} {stage.format_config().type} ({stage.method}): "
               + (f"{report['tensors']} tensors ({types}); " if "tensors" in report else "")
               + f"{report['bytes'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s"
+              + (f"; AWQ scales on {report['awq_scaled_groups']} groups" if report.get("awq_scaled_groups") else "")
               + (f"; GPTQ on {report['gptq_matrices']} matrices" if report.get("gptq_matrices") else ""))
     out.print(f"wrote {out_file}")
     del lock

@@ -130,6 +130,8 @@ def collect_stats(block: nn.Module, mods: dict[str, nn.Module], inputs) -> Block
 
 
 def _rtn_dq(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    if callable(scheme):  # a caller's own rounding (w -> its rounded values), e.g. a GGUF type's grid
+        return scheme(w)
     q, s, o = quantize_weight(w, scheme)
     return dequantize(q, s, o, scheme.group(w.shape[1]))
 

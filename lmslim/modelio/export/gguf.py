@@ -13,7 +13,8 @@ other matrix the base ``type``; ``tensor_types`` globs override any matrix. A fl
 a block type is rounded with lmslim's RTN on that type's grid (``gguf_blocks.round_on``; q5_0/q5_1 and
 the k-quants q2_k…q6_k in ``gguf_kquants`` / ``gguf_kquants_low``, optionally weighted by calibration
 importance, ``gguf_imatrix``; k-quant rows not divisible by 256 take llama.cpp's fallback type, listed
-in the report's ``fallbacks``); a weight lmslim
+in the report's ``fallbacks``); blocks a calibrated method already chose on the tensor's own grid
+(``GGUFExportConfig.encoded``, from ``lmslim.compress.export``'s GPTQ) are written as they are; a weight lmslim
 already quantized is written as its codes when its grid is the type's, as exact f32 values for
 ``f32``, and refused otherwise (no silent re-rounding).
 
@@ -76,6 +77,8 @@ class GGUFExportConfig:
         clip_search: round float weights with the clipping search of ``scheme.search_params``.
         importance: GGUF tensor name -> per-input-column weights of the squared rounding error
             (e.g. calibration ``E[x²]``, ``gguf_imatrix``) for the q5_0 / k-quant searches.
+        encoded: GGUF tensor name -> (type, raw blocks in the module's own row order): tensors a calibrated
+            method already rounded on that type's grid (``lmslim.compress.export``); written as they are.
     """
 
     type: str = "f16"
@@ -83,6 +86,7 @@ class GGUFExportConfig:
     tensor_types: tuple[tuple[str, str], ...] = ()
     clip_search: bool = False
     importance: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    encoded: Mapping[str, tuple[str, np.ndarray]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_type(self.type)
@@ -187,8 +191,33 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     return {by_id[id(t.module)]: t.name for t in _tensors(model, _llama_shape(model)) if t.module is not None}
 
 
+def planned_types(model: nn.Module, config: GGUFExportConfig) -> dict[str, str]:
+    """GGUF tensor name -> the type it is written as (after a k-quant's row fallback), for every tensor."""
+    shape = _llama_shape(model)
+    tensors = _tensors(model, shape)
+    tied = not any(t.name == "output.weight" for t in tensors)
+    gqa = shape["heads"] // shape["kv_heads"]
+    kinds = {t.name: storable_type(config.type_for(t.name, shape["layers"], gqa, tied), _cols(t)) for t in tensors}
+    for t in tensors:  # the writer's own check, before any calibration runs
+        if kinds[t.name] not in FLOAT_TYPES and _cols(t) % BLOCK:
+            _unsplittable(t.name, _cols(t), kinds[t.name])
+    return kinds
+
+
+def _unsplittable(name: str, cols: int, kind: str):
+    glob = re.sub(r"^blk\.\d+\.", "blk.*.", name)
+    raise UserError(f"{name} has rows of {cols} weights, which {kind}'s blocks of {BLOCK} do not "
+                    f"divide; keep it wider, e.g. --tensor-type '{glob}=f16'")
+
+
 def _encode(t: _Tensor, kind: str, config: GGUFExportConfig) -> tuple[np.ndarray, Any]:
     """(array, raw ggml type or None) for one tensor; ``kind`` is its storable type."""
+    done = (config.encoded or {}).get(t.name)
+    if done is not None:  # rounded by a calibrated method on this type's grid: its blocks as they are
+        if done[0] != kind or isinstance(t.module, QuantLinear):
+            raise UserError(f"{t.name}: calibrated blocks of type {done[0]} do not match its type {kind}")
+        raw = done[1]
+        return (raw[t.rows.numpy()] if t.rows is not None else raw), ggml_type(kind)  # whole rows move
     quant = t.module if isinstance(t.module, QuantLinear) else None
     if quant is not None:
         if kind == "f32":
@@ -212,9 +241,7 @@ def _encode(t: _Tensor, kind: str, config: GGUFExportConfig) -> tuple[np.ndarray
         arr = w.numpy()
         return (arr if kind == "f32" else arr.astype(np.float16)), None
     if w.ndim != 2 or w.shape[1] % BLOCK:
-        glob = re.sub(r"^blk\.\d+\.", "blk.*.", t.name)
-        raise UserError(f"{t.name} has rows of {w.shape[-1]} weights, which {kind}'s blocks of {BLOCK} do not "
-                        f"divide; keep it wider, e.g. --tensor-type '{glob}=f16'")
+        _unsplittable(t.name, w.shape[-1], kind)
     imp = (config.importance or {}).get(t.name)
     if kind not in BLOCK_TYPES:  # q5_0, q5_1 and the k-quants: lmslim's searches in gguf_kquants(_low)
         return quantize_float(w.numpy(), kind, imp), ggml_type(kind)

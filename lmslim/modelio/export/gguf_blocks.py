@@ -22,7 +22,10 @@ while the signed rule has the lower error on most other blocks.
 
 The k-quants ``q4_k`` and ``q6_k`` (super-blocks of 256, ``gguf_kquants``), ``q5_k``, ``q3_k`` and
 ``q2_k`` (``gguf_kquants_low``), and ``q5_0`` / ``q5_1`` (lmslim's searches on ggml's 5-bit blocks) are
-written from float weights only. ``q4_k_m``, ``q3_k_m`` and ``q2_k`` are mixes mirroring llama.cpp's
+written from float weights (no ``QuantLinear`` holds their grids: a k-quant's step ``d·sc[j]`` is not an
+fp16 scale). ``type_grid`` gives any quantized type's final grid as per-weight f32 ``step``/``off`` with the
+RTN codes on it (``TypeGrid``); a calibrated method picks other codes on that grid and ``TypeGrid.encode``
+packs them with the same block parameters, nothing re-rounded (``lmslim.compress.export``'s GPTQ). ``q4_k_m``, ``q3_k_m`` and ``q2_k`` are mixes mirroring llama.cpp's
 presets of those names (``mix_type``; llama.cpp's Q2_K is itself a mix, so ``--type q2_k`` is too: for
 q2_k everywhere give ``--tensor-type 'blk.*=q2_k'``). A k-quant tensor whose rows do not split into 256
 takes llama.cpp's fallback type (``gguf_kquants.FALLBACK``), as llama.cpp does.
@@ -41,6 +44,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -227,3 +232,74 @@ def decode_codes(raw: np.ndarray, name: str, shape: tuple[int, int]) -> np.ndarr
         return (blocks[:, :, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(rows, cols)
     qs = blocks[:, :, 2 if name == "q4_0" else 4:]  # (rows, G, 16)
     return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class TypeGrid:
+    """One tensor's final grid on a quantized GGUF type: ``w = step·q − off`` per weight, integer ``q`` in
+    ``qmin … qmax`` (signed codes for the symmetric types), exactly as ggml dequantizes (f32).
+
+    Built by :func:`type_grid` from lmslim's RTN search for the type; a calibrated method (GPTQ) then
+    chooses other codes on this same grid, and :meth:`encode` writes them without re-rounding.
+    """
+
+    kind: str
+    step: torch.Tensor  # (rows, cols) f32
+    off: torch.Tensor  # (rows, cols) f32
+    qmin: int
+    qmax: int
+    codes: torch.Tensor  # (rows, cols) int32: RTN's codes on this grid
+    params: tuple  # the block parameters the packer writes
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.step * codes.float() - self.off
+
+    def encode(self, codes: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(raw blocks (rows, bytes), their f32 values) of ``codes`` on this grid."""
+        from lmslim.modelio.export.gguf_kquants import pack_kquant, pack_q5_0
+        from lmslim.modelio.export.gguf_kquants_low import pack_q5_1
+
+        q = codes.to(torch.int32).numpy()
+        if self.kind in _KQ_TYPES:
+            return pack_kquant(self.kind, self.params[0], q)
+        if self.kind == "q5_0":
+            return pack_q5_0(self.params[0], q)
+        if self.kind == "q5_1":
+            return pack_q5_1(*self.params, q)
+        scale, offset = self.params
+        if q.min() < self.qmin or q.max() > self.qmax:
+            raise UserError(f"{self.kind} codes must lie in {self.qmin}…{self.qmax}")
+        unsigned = codes.to(torch.int32) - (self.qmin if self.kind != "q4_1" else 0)
+        raw = encode_codes(unsigned, scale, offset, self.kind)
+        return raw, self.values(codes).numpy()
+
+
+def type_grid(w: torch.Tensor, kind: str, importance=None, clip_search: bool = False) -> TypeGrid:
+    """The grid (and RTN codes) lmslim's writer would round float ``w`` (rows, cols) onto as ``kind``."""
+    from lmslim.modelio.export.gguf_kquants import K_LAYOUT, kquant_params, kquant_steps, q5_0_params
+    from lmslim.modelio.export.gguf_kquants_low import q5_1_params
+
+    w = w.detach().float()
+    shape = tuple(w.shape)
+    x = w.numpy()
+    per_block = lambda t: torch.from_numpy(np.repeat(np.asarray(t, np.float32), BLOCK, axis=1))  # (rows, G) -> cols
+    if kind in _KQ_TYPES:
+        params, codes = kquant_params(x, kind, importance)
+        step, off = kquant_steps(params, kind, shape)
+        _, lo, hi, _ = K_LAYOUT[kind]
+        return TypeGrid(kind, torch.from_numpy(step), torch.from_numpy(off), lo, hi, torch.from_numpy(codes),
+                        (params,))
+    if kind == "q5_0":
+        d, codes = q5_0_params(x, importance)
+        return TypeGrid(kind, per_block(d), torch.zeros(shape), -16, 15, torch.from_numpy(codes), (d,))
+    if kind == "q5_1":
+        d, m, codes = q5_1_params(x, importance)
+        return TypeGrid(kind, per_block(d), -per_block(m), 0, 31, torch.from_numpy(codes), (d, m))
+    if kind not in BLOCK_TYPES:
+        raise UserError(f"{kind} is not a quantized GGUF type")
+    codes, scale, offset = round_on(w, kind, clip_search, importance)
+    step = per_block(scale.numpy())
+    if kind == "q4_1":  # w = d·q + m
+        return TypeGrid(kind, step, -per_block(offset.numpy()), 0, 15, codes.to(torch.int32), (scale, offset))
+    half = 2 ** (_GRIDS[kind].bits - 1)  # symmetric: ggml computes d·(q − half) with the signed code
+    return TypeGrid(kind, step, torch.zeros(shape), -half, half - 1, codes.to(torch.int32) - half, (scale, offset))

@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from lmslim.core.errors import UserError
@@ -44,6 +46,9 @@ K_TYPES = ("q4_k", "q6_k", "q5_k", "q3_k", "q2_k")
 # llama.cpp's own substitute when a row does not split into 256 (llama-quant.cpp, as its Q4_K_M, Q3_K_M and
 # Q2_K files of SmolLM2's 576-wide rows show): what it writes instead.
 FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "q5_k": "q5_1", "q3_k": "q4_0", "q2_k": "q4_0"}
+# (weights per sub-block, lowest code, highest code, has mins): w = d·sc[j]·q − dmin·m[j]
+K_LAYOUT = {"q4_k": (32, 0, 15, True), "q5_k": (32, 0, 31, True), "q2_k": (16, 0, 3, True),
+            "q3_k": (16, -4, 3, False), "q6_k": (16, -32, 31, False)}
 K_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84}
 _STEPS = 24  # candidate ranges per sub-block in step (1)
 _GRID_REFITS = 4  # rounds of (3) and (4)
@@ -202,17 +207,13 @@ def _pack_q4k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _encode_q4k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, dmin, sc, m, q = _asym_grid(x, w, 32, 15, 63)
-    q = q.reshape(-1, QK).astype(np.uint8)  # (S, 256)
-    qs = q.reshape(-1, 4, 2, 32)  # (S, pair, low/high, 32)
+def _pack_q4k(p: "KParams", q: np.ndarray) -> np.ndarray:
+    """Q4_K bytes (S, 144) of parameters ``p`` and codes ``q`` (S, 256) in 0…15."""
+    qs = q.astype(np.uint8).reshape(-1, 4, 2, 32)  # (S, pair, low/high, 32)
     nib = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(-1, 128)
-    raw = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2),
-                          dmin.astype(np.float16).view(np.uint8).reshape(-1, 2), _pack_q4k_scales(sc, m), nib], 1)
-    step = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (S, 8, 1), as ggml multiplies
-    off = (dmin[:, None] * m.astype(np.float32))[:, :, None]
-    deq = (step * q.reshape(-1, 8, 32).astype(np.float32) - off).reshape(-1, QK)
-    return raw, deq
+    return np.concatenate([p.d.astype(np.float16).view(np.uint8).reshape(-1, 2),
+                           p.dmin.astype(np.float16).view(np.uint8).reshape(-1, 2), _pack_q4k_scales(p.sc, p.m), nib],
+                          1)
 
 
 def signed_fit(xs: np.ndarray, ws: np.ndarray, half: int, spread: float = 1 / 8) -> np.ndarray:
@@ -240,6 +241,12 @@ def quantize_q5_0(weight: np.ndarray, importance: np.ndarray | None = None) -> t
 
     ``w = d·(q − 16)``; the scale is ``signed_fit``'s search (llama.cpp's reference rule is its start).
     """
+    d, q = q5_0_params(weight, importance)
+    return pack_q5_0(d, q)
+
+
+def q5_0_params(weight: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_0's grid and RTN codes: fp16 ``d`` (rows, cols/32) as f32 and signed codes (rows, cols) in −16…15."""
     rows, cols = weight.shape
     if cols % 32:
         raise UserError(f"rows of {cols} weights do not split into q5_0's blocks of 32")
@@ -247,7 +254,17 @@ def quantize_q5_0(weight: np.ndarray, importance: np.ndarray | None = None) -> t
     ws = _weights(importance, rows, cols, 32)
     d = signed_fit(xs, ws, 16).astype(np.float16).astype(np.float32)
     q = np.clip(np.rint(xs / np.where(d != 0, d, 1)[:, None]), -16, 15)
-    q = (np.where(d[:, None] != 0, q, 0) + 16).astype(np.uint8)  # (B, 32) codes 0..31
+    q = np.where(d[:, None] != 0, q, 0).astype(np.int32)
+    return d.reshape(rows, -1), q.reshape(rows, cols)
+
+
+def pack_q5_0(d: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_0 bytes (rows, cols/32·22) of fp16 ``d`` (rows, cols/32) and signed codes (rows, cols), and their values."""
+    rows, cols = codes.shape
+    if codes.min() < -16 or codes.max() > 15:
+        raise UserError("q5_0 codes must lie in -16…15")
+    d = np.asarray(d, np.float32).reshape(-1)
+    q = (codes.reshape(-1, 32) + 16).astype(np.uint8)  # (B, 32) codes 0..31
     nib = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
     qh = np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")  # bit j = high bit of weight j
     raw = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), qh, nib], 1)
@@ -280,17 +297,85 @@ def _q6k_grid(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return d, sc, (q + 32).reshape(n_sb, QK).astype(np.uint8)
 
 
-def _encode_q6k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, sc, q = _q6k_grid(x, w)
-    halves = q.reshape(-1, 2, 128)  # (S, half, 128): each half is 4 rows of 32
+def _pack_q6k(p: "KParams", q: np.ndarray) -> np.ndarray:
+    """Q6_K bytes (S, 210) of parameters ``p`` and signed codes ``q`` (S, 256) in −32…31."""
+    halves = (q + 32).astype(np.uint8).reshape(-1, 2, 128)  # (S, half, 128): each half is 4 rows of 32
     ql = (halves[:, :, :64] & 0x0F) | ((halves[:, :, 64:] & 0x0F) << 4)  # (S, 2, 64)
     hi = (halves >> 4).reshape(-1, 2, 4, 32)  # (S, half, quarter, 32)
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # (S, 2, 32)
-    raw = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8),
-                          d.astype(np.float16).view(np.uint8).reshape(-1, 2)], 1)
-    step = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (S, 16, 1)
-    deq = (step * (q.reshape(-1, 16, 16).astype(np.int8) - np.int8(32)).astype(np.float32)).reshape(-1, QK)
-    return raw, deq
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), p.sc.astype(np.int8).view(np.uint8),
+                           p.d.astype(np.float16).view(np.uint8).reshape(-1, 2)], 1)
+
+
+@dataclass(frozen=True)
+class KParams:
+    """A k-quant tensor's block parameters, flat over super-blocks: ``w = d·sc[j]·q − dmin·m[j]``.
+
+    ``d``/``dmin`` (S,) fp16 values held as f32; ``sc``/``m`` (S, sub-blocks) integers; no ``dmin``/``m``
+    for the signed types (Q3_K, Q6_K).
+    """
+
+    d: np.ndarray
+    sc: np.ndarray
+    dmin: np.ndarray | None = None
+    m: np.ndarray | None = None
+
+
+def kquant_params(weight: np.ndarray, kind: str, importance: np.ndarray | None = None
+                  ) -> tuple[KParams, np.ndarray]:
+    """lmslim's RTN search for ``kind``: its grid (``KParams``) and codes (rows, cols) on it (signed for
+    Q3_K / Q6_K, as ``K_LAYOUT``'s range).
+
+    Raises:
+        UserError: ``cols`` is not a multiple of 256, bad importance, or not a k-quant.
+    """
+    if kind not in K_TYPES:
+        raise UserError(f"{kind} is not a k-quant type lmslim writes ({', '.join(K_TYPES)})")
+    rows, cols = weight.shape
+    if cols % QK:
+        raise UserError(f"rows of {cols} weights do not split into {kind}'s super-blocks of {QK}")
+    x = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, QK)  # (rows·cols/256, 256)
+    w = _weights(importance, rows, cols, QK)
+    sub, lo, hi, _ = K_LAYOUT[kind]
+    if kind == "q6_k":
+        d, sc, q = _q6k_grid(x, w)
+        return KParams(d, sc.astype(np.int32)), (q.astype(np.int32) - 32).reshape(rows, cols)
+    if kind == "q3_k":  # ±25% range search at 3 bits
+        d, sc, q = _sym_grid(x, w, sub, -lo, 32, spread=1 / 4)
+        return KParams(d, sc), q.astype(np.int32).reshape(rows, cols)
+    d, dmin, sc, m, q = _asym_grid(x, w, sub, hi, 63 if sub == 32 else 15)
+    return KParams(d, sc, dmin, m), q.astype(np.int32).reshape(rows, cols)
+
+
+def kquant_steps(p: KParams, kind: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per weight (rows, cols): the step ``d·sc[j]`` and offset ``dmin·m[j]`` (f32, as ggml multiplies)."""
+    sub = K_LAYOUT[kind][0]
+    step = np.repeat(p.d[:, None] * p.sc.astype(np.float32), sub, axis=1).reshape(shape)  # (S, 256) -> (rows, cols)
+    if p.m is None:
+        return step, np.zeros(shape, np.float32)
+    return step, np.repeat(p.dmin[:, None] * p.m.astype(np.float32), sub, axis=1).reshape(shape)
+
+
+def pack_kquant(kind: str, p: KParams, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``kind`` bytes (rows, cols/256·bytes) of codes (rows, cols) on the fixed grid ``p``, and their f32
+    values ``step·q − off`` (what ggml and ``gguf.quants.dequantize`` compute). Nothing is re-rounded.
+
+    Raises:
+        UserError: a code outside ``kind``'s range.
+    """
+    rows, cols = codes.shape
+    _, lo, hi, _ = K_LAYOUT[kind]
+    q = np.asarray(codes).astype(np.int32)
+    if q.min() < lo or q.max() > hi:
+        raise UserError(f"{kind} codes must lie in {lo}…{hi}")
+    if kind in ("q4_k", "q6_k"):
+        raw = (_pack_q4k if kind == "q4_k" else _pack_q6k)(p, q.reshape(-1, QK))
+    else:
+        from lmslim.modelio.export.gguf_kquants_low import pack_low  # it builds on this module
+
+        raw = pack_low(kind, p, q.reshape(-1, QK))
+    step, off = kquant_steps(p, kind, (rows, cols))
+    return raw.reshape(rows, -1), step * q.astype(np.float32) - off
 
 
 def quantize_kquant(weight: np.ndarray, kind: str, importance: np.ndarray | None = None
@@ -303,19 +388,8 @@ def quantize_kquant(weight: np.ndarray, kind: str, importance: np.ndarray | None
     Raises:
         UserError: ``cols`` is not a multiple of 256 or the type is not a k-quant lmslim writes.
     """
-    if kind not in K_TYPES:
-        raise UserError(f"{kind} is not a k-quant type lmslim writes ({', '.join(K_TYPES)})")
-    if kind not in ("q4_k", "q6_k"):
-        from lmslim.modelio.export.gguf_kquants_low import quantize_low  # it builds on this module
-
-        return quantize_low(weight, kind, importance)
-    rows, cols = weight.shape
-    if cols % QK:
-        raise UserError(f"rows of {cols} weights do not split into {kind}'s super-blocks of {QK}")
-    x = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, QK)  # (rows·cols/256, 256)
-    w = _weights(importance, rows, cols, QK)
-    raw, deq = (_encode_q4k if kind == "q4_k" else _encode_q6k)(x, w)
-    return raw.reshape(rows, -1), deq.reshape(rows, cols)
+    params, codes = kquant_params(weight, kind, importance)
+    return pack_kquant(kind, params, codes)
 
 
 def quantize_float(weight: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:

@@ -33,8 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from lmslim.core.errors import UserError
-from lmslim.modelio.export.gguf_kquants import (QK, _asym_grid, _f16, _fit_asym, _lsq, _pack_q4k_scales, _safe,
-                                                _sym_grid, _weights)
+from lmslim.modelio.export.gguf_kquants import _f16, _fit_asym, _lsq, _pack_q4k_scales, _safe, _weights
 
 LOW_TYPES = ("q3_k", "q2_k", "q5_k")
 LOW_BLOCK_BYTES = {"q3_k": 110, "q2_k": 84, "q5_k": 176}
@@ -65,32 +64,21 @@ def _half_bytes(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
-def _encode_q3k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, sc, q = _sym_grid(x, w, 16, 4, 32, spread=1 / 4)  # ±25% range search at 3 bits
-    u = (q.reshape(-1, QK) + 4).astype(np.uint8)  # 0…7; the high bit is set exactly for q ≥ 0
-    raw = np.concatenate([_pack_bits(u >> 2), _pack_2bit(u & 3), _pack_q3k_scales(sc + 32), _half_bytes(d)], 1)
-    step = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (S, 16, 1), as ggml multiplies
-    return raw, (step * q.reshape(-1, 16, 16).astype(np.float32)).reshape(-1, QK)
-
-
-def _encode_q2k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, dmin, sc, m, q = _asym_grid(x, w, 16, 3, 15)
-    raw = np.concatenate([(sc | (m << 4)).astype(np.uint8), _pack_2bit(q.reshape(-1, QK)), _half_bytes(d),
-                          _half_bytes(dmin)], 1)
-    step = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (S, 16, 1)
-    off = (dmin[:, None] * m.astype(np.float32))[:, :, None]
-    return raw, (step * q.reshape(-1, 16, 16).astype(np.float32) - off).reshape(-1, QK)
-
-
-def _encode_q5k(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, dmin, sc, m, q = _asym_grid(x, w, 32, 31, 63)
-    u = q.reshape(-1, QK).astype(np.uint8)
+def pack_low(kind: str, p, q: np.ndarray) -> np.ndarray:
+    """``kind`` (q3_k, q2_k, q5_k) bytes (S, bytes) of ``gguf_kquants.KParams`` ``p`` and codes ``q`` (S, 256)
+    (signed −4…3 for Q3_K)."""
+    if kind == "q3_k":
+        u = (q + 4).astype(np.uint8)  # 0…7; the high bit is set exactly for q ≥ 0
+        return np.concatenate([_pack_bits(u >> 2), _pack_2bit(u & 3), _pack_q3k_scales(p.sc + 32), _half_bytes(p.d)],
+                              1)
+    if kind == "q2_k":
+        return np.concatenate([(p.sc | (p.m << 4)).astype(np.uint8), _pack_2bit(q), _half_bytes(p.d),
+                               _half_bytes(p.dmin)], 1)
+    u = q.astype(np.uint8)
     lo = (u & 0x0F).reshape(-1, 4, 2, 32)  # (S, pair, low/high nibble, 32), as Q4_K
     nib = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
-    raw = np.concatenate([_half_bytes(d), _half_bytes(dmin), _pack_q4k_scales(sc, m), _pack_bits(u >> 4), nib], 1)
-    step = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (S, 8, 1)
-    off = (dmin[:, None] * m.astype(np.float32))[:, :, None]
-    return raw, (step * q.reshape(-1, 8, 32).astype(np.float32) - off).reshape(-1, QK)
+    return np.concatenate([_half_bytes(p.d), _half_bytes(p.dmin), _pack_q4k_scales(p.sc, p.m), _pack_bits(u >> 4),
+                           nib], 1)
 
 
 def quantize_low(weight: np.ndarray, kind: str, importance: np.ndarray | None = None
@@ -102,18 +90,20 @@ def quantize_low(weight: np.ndarray, kind: str, importance: np.ndarray | None = 
     """
     if kind not in LOW_TYPES:
         raise UserError(f"{kind} is not one of {', '.join(LOW_TYPES)}")
-    rows, cols = weight.shape
-    if cols % QK:
-        raise UserError(f"rows of {cols} weights do not split into {kind}'s super-blocks of {QK}")
-    x = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1, QK)  # (rows·cols/256, 256)
-    w = _weights(importance, rows, cols, QK)
-    encode = {"q3_k": _encode_q3k, "q2_k": _encode_q2k, "q5_k": _encode_q5k}[kind]
-    raw, deq = encode(x, w)
-    return raw.reshape(rows, -1), deq.reshape(rows, cols)
+    from lmslim.modelio.export.gguf_kquants import quantize_kquant
+
+    return quantize_kquant(weight, kind, importance)
 
 
 def quantize_q5_1(weight: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q5_1 blocks (24 bytes per 32) and their values: a weighted range search per block, then fp16 refits."""
+    d, m, q = q5_1_params(weight, importance)
+    return pack_q5_1(d, m, q)
+
+
+def q5_1_params(weight: np.ndarray, importance: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_1's grid and RTN codes: fp16 ``d``, ``m`` (rows, cols/32) as f32 and codes (rows, cols) in 0…31."""
     rows, cols = weight.shape
     if cols % 32:
         raise UserError(f"rows of {cols} weights do not split into q5_1's blocks of 32")
@@ -133,9 +123,19 @@ def quantize_q5_1(weight: np.ndarray, importance: np.ndarray | None = None) -> t
         better = (err2 < err) & (s2 > 0)
         d, m = np.where(better, _f16(s2), d), np.where(better, _f16(o2), m)
         q, err = codes(d, m)
-    u = q.astype(np.uint8)
+    return d.reshape(rows, -1), m.reshape(rows, -1), q.astype(np.int32).reshape(rows, cols)
+
+
+def pack_q5_1(d: np.ndarray, m: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_1 bytes (rows, cols/32·24) of fp16 ``d``, ``m`` (rows, cols/32) and codes (rows, cols) in 0…31, and
+    their values ``d·q + m``."""
+    rows, cols = codes.shape
+    if codes.min() < 0 or codes.max() > 31:
+        raise UserError("q5_1 codes must lie in 0…31")
+    d, m = np.asarray(d, np.float32).reshape(-1), np.asarray(m, np.float32).reshape(-1)
+    u = codes.reshape(-1, 32).astype(np.uint8)  # (B, 32)
     nib = (u[:, :16] & 0x0F) | ((u[:, 16:] & 0x0F) << 4)
     qh = np.packbits((u >> 4).astype(np.uint8), axis=1, bitorder="little")  # bit j = high bit of weight j
     raw = np.concatenate([_half_bytes(d), _half_bytes(m), qh, nib], 1)
-    deq = d[:, None] * q.astype(np.float32) + m[:, None]
+    deq = d[:, None] * u.astype(np.float32) + m[:, None]
     return raw.reshape(rows, -1), deq.reshape(rows, cols)

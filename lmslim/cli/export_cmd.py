@@ -105,6 +105,8 @@ def _export(model: str, out_file: Path, options: dict, calib: str, overwrite: bo
               + (f"{report['tensors']} tensors ({types}); " if "tensors" in report else "")
               + f"{report['bytes'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s"
               + (f"; AWQ scales on {report['awq_scaled_groups']} groups" if report.get("awq_scaled_groups") else "")
-              + (f"; GPTQ on {report['gptq_matrices']} matrices" if report.get("gptq_matrices") else ""))
+              + (f"; GPTQ on {report['gptq_matrices']} matrices" if report.get("gptq_matrices") else "")
+              + (f" (layer output error {report['gptq_error_vs_rtn_mean']:.3f}× RTN's on the same grids)"
+                 if "gptq_error_vs_rtn_mean" in report else ""))
     out.print(f"wrote {out_file}")
     del lock

@@ -165,6 +165,18 @@ def _value(v: dict, metric: str) -> float | None:
 
 def finish(study, plan, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Re-measure the front, write best.yaml, search.json and the report; returns the summary."""
+    from filelock import FileLock
+
+    with FileLock(str(out / ".finish.lock")):  # workers finishing together measure the front once
+        numbers = sorted(t.number for t in _complete(study))
+        done = out / "search.json"
+        if done.is_file() and json.loads(done.read_text()).get("trial_numbers") == numbers:
+            say("the front of these trials is already measured")
+            return json.loads(done.read_text())
+        return _finish(study, plan, out, say, numbers)
+
+
+def _finish(study, plan, out: Path, say: Callable[[str], None], numbers: list[int]) -> dict[str, Any]:
     from lmslim.modelio import resolve
 
     cfg = plan.config
@@ -201,7 +213,8 @@ def finish(study, plan, out: Path, say: Callable[[str], None]) -> dict[str, Any]
         recipe["description"] = (f"lmslim search: fastest within {cfg.budget} ({plan.objective.name} in "
                                  f"{cfg.engine}), trial {best['trial']}")
         atomic_write_text(out / "best.yaml", yaml.safe_dump(recipe, sort_keys=False))
-    summary = _summary(study, plan, front_rows, best, {"input": {m: _value(base, m) for m in plan.metrics()}})
+    summary = _summary(study, plan, front_rows, best, {"input": {m: _value(base, m) for m in plan.metrics()},
+                                                       "trial_numbers": numbers})
     atomic_write_json(out / "search.json", summary)
     _report(out, variants)
     say(f"front re-measured: {len(front_rows)} variants; best within budget: "

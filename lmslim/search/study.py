@@ -219,6 +219,12 @@ def _check_settings(study, plan: Plan, url: str):
     return study
 
 
+def fail_stale_trials(study) -> None:
+    from optuna.storages import fail_stale_trials as fail
+
+    fail(study)
+
+
 def _counts(study) -> tuple[int, int]:
     """(finished trials that count toward --trials, running ones)."""
     from optuna.trial import TrialState
@@ -295,20 +301,27 @@ def run_search(config: SearchConfig, out: Path, say: Callable[[str], None] = log
     _write_settings(out, config)
     t0 = time.monotonic()
     objective = make_objective(plan, out)
+    waited = False
     while True:
+        fail_stale_trials(study)  # a dead worker's trial: failed after the grace period, then drawn again
         done, running = _counts(study)
-        if done + running >= config.trials:
-            break
-        if config.time_s is not None and time.monotonic() - t0 >= config.time_s:
-            say(f"time limit reached after {done} trials")
-            break
+        out_of_time = config.time_s is not None and time.monotonic() - t0 >= config.time_s
+        if done >= config.trials or out_of_time:
+            if not running:
+                break
+            if not waited:
+                say(f"waiting for {running} trial(s) of other workers")
+                waited = True
+            time.sleep(5)  # the last worker to finish measures the front
+            continue
+        if done + running >= config.trials:  # the remaining trials are being run elsewhere
+            time.sleep(5)
+            continue
         study.optimize(objective, n_trials=1, catch=())
         say(progress_line(study, plan, config.trials))
-    done, running = _counts(study)
-    if done < config.trials or running:
-        say(f"{done} of {config.trials} trials finished ({running} running elsewhere); the front is measured when "
-            "the study is complete (run the command again to continue)")
-        return {"finished": False, "trials_finished": done}
+    if out_of_time and done < config.trials:
+        say(f"time limit reached after {done} of {config.trials} trials; measuring the front found so far "
+            "(run the command again to continue the study)")
     return finish(study, plan, out, say)
 
 

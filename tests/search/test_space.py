@@ -59,3 +59,16 @@ def test_stages_follow_the_draw():
     # nothing removed: no distillation, whatever kd_steps says
     assert stages_for({"heads": 0.0, "neurons": 0.0, "layers": 0.0, "kd_steps": 100, "sparsity": 0.0,
                        "quant": "none"}, space) == [{"export": {"format": "hf"}}]  # the input as it is
+
+
+def test_shipped_search_spaces_load():
+    from pathlib import Path
+
+    from lmslim.search.space import load_overrides
+
+    files = sorted((Path(__file__).parents[2] / "configs" / "search").glob("*.yaml"))
+    assert files
+    for f in files:
+        engine = "llama.cpp" if "llama-cpp" in f.name else "onnxruntime" if "onnx" in f.name else "torch"
+        space = with_overrides(default_space(engine, 576, 30), load_overrides(f), 576, 30)
+        assert space.size() > 1

@@ -236,7 +236,8 @@ def _export_reference():
 
 register_stage(StageKind(
     name="export", summary="the hand-off: hf (the model folder), gguf (llama.cpp) or onnx (ONNX Runtime), measured "
-    "in that engine; float weights rounded on the format's grid (method rtn, or gptq on the calibration data); "
+    "in that engine; float weights rounded on the format's grid (method rtn, or gptq / awq / awq_gptq on the "
+    "calibration data, gguf); "
     "must be the last stage",
     parse=_parse_export, run=_run_export, trains=False, last=True,
     needs=lambda s: ("calibration",) if s.needs_calibration else (),

@@ -133,7 +133,7 @@ def _check(key: str, value: Any, hidden_size: int, n_layers: int) -> str | None:
             return "true or false"
     else:
         allowed = {"quant": tuple(_QUANT), "gguf_type": _gguf_types() if key == "gguf_type" else (),
-                   "gguf_method": ("rtn", "gptq"), "embed_type": ("default",) + _gguf_types(),
+                   "gguf_method": ("rtn", "gptq", "awq", "awq_gptq"), "embed_type": ("default",) + _gguf_types(),
                    "onnx_type": ("f32", "int8", "int4")}[key]
         if value not in allowed:
             return f"one of {', '.join(map(str, allowed))}"
@@ -178,10 +178,8 @@ def suggest(trial, space: Space) -> dict[str, Any]:
         if pick("quant") in ("rtn-w4", "gptq-w4"):
             pick("group_size")
     elif space.engine == "llama.cpp":
-        from lmslim.modelio.export.gguf_blocks import BLOCK_TYPES
-
         kind = pick("gguf_type")
-        if kind in BLOCK_TYPES:
+        if kind not in ("f32", "f16"):  # calibrated rounding works on every quantized type's own grid
             pick("gguf_method")
         if kind not in ("f32", "f16", "q8_0"):
             pick("importance")
@@ -230,7 +228,7 @@ def stages_for(params: dict[str, Any], space: Space) -> list[dict[str, Any]]:
             e["importance"] = True
         if params.get("embed_type", "default") != "default":
             e["embed_type"] = params["embed_type"]
-        if e.get("method") == "gptq" or e.get("importance"):
+        if e.get("method") or e.get("importance"):
             e.update(calib)
         stages.append({"export": e})
     else:

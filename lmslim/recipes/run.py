@@ -204,21 +204,20 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
                 stage_cache.store(fp, sdir)
             say(f"stage {i + 1} ({spec.name}) finished", i + 1)
         record = json.loads(done.read_text())
-        artifact = json.loads((sdir / "stage.json").read_text())["report"].get("artifact")
+        stage_report = json.loads((sdir / "stage.json").read_text())["report"]
+        artifact = stage_report.get("artifact")
         if measure_now and record["weights_sha256"] != variants[-1]["weights_sha256"] and not any(
                 (sdir / f"{k}.json").is_file() for k in ("eval", "bench")):
             say(f"stage {i + 1} ({spec.name}) measuring", i)
             measured_spec = str(sdir / artifact) if artifact else str(sdir / "model")
-            engine = json.loads((sdir / "stage.json").read_text())["report"].get("engine") or "torch"
-            measurer.measure(measured_spec, record["weights_sha256"], sdir, engine)
-        stage_report = json.loads((sdir / "stage.json").read_text())["report"]
+            measurer.measure(measured_spec, record["weights_sha256"], sdir, stage_report.get("engine") or "torch")
         measured = {k: json.loads((sdir / f"{k}.json").read_text()) for k in ("eval", "bench")
                     if (sdir / f"{k}.json").is_file()}
         if record["weights_sha256"] == variants[-1]["weights_sha256"]:
             log.info("stage %d (%s) left the weights unchanged; no new variant", i, spec.name)
         elif measured:
             variants.append(_variant(f"{label} · {i}:{spec.name}", spec.name,
-                                     f"stages/{sdir.name}/{stage_report.get('artifact') or 'model'}",
+                                     f"stages/{sdir.name}/{artifact or 'model'}",
                                      record["weights_sha256"], measured, stage_report))
         prev_spec, prev_fp, prev_dir, prev_weights = str(sdir / "model"), fp, sdir, record["weights_sha256"]
 

@@ -168,19 +168,20 @@ def finish(study, plan, out: Path, say: Callable[[str], None]) -> dict[str, Any]
     from filelock import FileLock
 
     with FileLock(str(out / ".finish.lock")):  # workers finishing together measure the front once
-        numbers = sorted(t.number for t in _complete(study))
+        complete = _complete(study)
+        numbers = sorted(t.number for t in complete)
         done = out / "search.json"
         if done.is_file() and json.loads(done.read_text()).get("trial_numbers") == numbers:
             say("the front of these trials is already measured")
             return json.loads(done.read_text())
-        return _finish(study, plan, out, say, numbers)
+        return _finish(study, plan, out, say, complete)
 
 
-def _finish(study, plan, out: Path, say: Callable[[str], None], numbers: list[int]) -> dict[str, Any]:
+def _finish(study, plan, out: Path, say: Callable[[str], None], complete: list) -> dict[str, Any]:
     from lmslim.modelio import resolve
 
     cfg = plan.config
-    complete = _complete(study)
+    numbers = sorted(t.number for t in complete)
     within = [t for t in complete if feasible(t)]
     chosen = spread(plan, pareto(plan, within) or pareto(plan, complete), cfg.front_max)
     base = {"label": "input model", "spec": cfg.model, "weights": resolve(cfg.model).weights_hash(),

@@ -151,13 +151,13 @@ def same_codes(a: Path, b: Path) -> dict:
 
 
 def part_a(args, work: Path) -> dict:
-    """SmolLM2-135M GPTQ w4 g128, streaming vs in memory, interleaved."""
-    common = ["quantize", "builtin:smollm2-135m", "--method", "gptq", "--bits", "4", "--group-size", "128",
+    """GPTQ w4 g128 (SmolLM2-135M unless --a-model), streaming vs in memory, interleaved ABBA."""
+    common = ["quantize", args.a_model, "--method", "gptq", "--bits", "4", "--group-size", "128",
               "--calib", "builtin:wiki:train", "--calib-samples", str(args.calib_samples), "--seq-len",
               str(args.seq_len), "--threads", str(args.threads)]
     runs: dict[str, list] = {"memory": [], "stream": []}
     for rep in range(args.repeats):
-        for mode in ("memory", "stream"):
+        for mode in (("memory", "stream") if rep % 2 == 0 else ("stream", "memory")):
             out = work / f"a-{mode}-{rep}"
             r = limited_run(_lmslim(*common, "--out", str(out), *(["--stream"] if mode == "stream" else [])), None)
             if r["rc"] != 0:
@@ -168,7 +168,9 @@ def part_a(args, work: Path) -> dict:
             print(mode, rep, runs[mode][-1], flush=True)
     codes = same_codes(work / "a-memory-0", work / "a-stream-0")
     best = {m: min(x["seconds"] for x in v) for m, v in runs.items()}
-    return {"runs": runs, "codes": codes, "time_ratio_best": best["stream"] / best["memory"],
+    pairs = sorted(s["seconds"] / m["seconds"] for s, m in zip(runs["stream"], runs["memory"]))
+    return {"model": args.a_model, "runs": runs, "codes": codes, "time_ratio_best": best["stream"] / best["memory"],
+            "time_ratio_pairs": pairs, "time_ratio_median": pairs[len(pairs) // 2],
             "peak_rss_mb": {m: max(x["peak_rss_mb"] for x in v) for m, v in runs.items()}}
 
 
@@ -245,6 +247,7 @@ def _generate(folder: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["a", "b", "all"], default="all")
+    p.add_argument("--a-model", default="builtin:smollm2-135m", help="(a) the model quantized both ways")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)

@@ -24,12 +24,13 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 JsonOpt = typer.Option(None, "--json", help="Write the full result as JSON here (atomically).")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Allow model code from the model folder/hub (off by default).")
 StreamOpt = typer.Option(False, "--stream", help="Never load the whole model: read, compress, write and free one "
-                         "block at a time (a local safetensors folder; gptq/rtn/awq, sparsegpt/wanda; same result).")
+                         "block at a time (a local safetensors folder; gptq/rtn/awq/smoothquant/dynamic-int8, "
+                         "sparsegpt/wanda; same result).")
 MaxActivationOpt = typer.Option(None, "--max-activation-mb", help="--stream: calibration activations kept in "
                                 "memory (default 1024); beyond it they go to a temporary folder on disk.")
 # Streaming changes where the work happens, not its result (bit-identical codes): a run control, not a stage key.
-STREAM_OUTSIDE = {"stream": "(run control: lmslim quantize/prune --stream)",
-                  "max_activation_mb": "(run control: lmslim quantize/prune --stream)"}
+STREAM_OUTSIDE = {"stream": "(run control: lmslim quantize/prune/compress --stream)",
+                  "max_activation_mb": "(run control: lmslim quantize/prune/compress --stream)"}
 
 
 def quiet_libraries() -> None:
@@ -105,12 +106,9 @@ def run_stage_command(stage: str, options: dict, model: str, out_dir: Path, *, d
     """
     from lmslim.core.runtime import Runtime
     from lmslim.recipes.run import recipe_inputs
-    from lmslim.recipes.single import run_single_stage, single_stage_recipe
+    from lmslim.recipes.single import check_stream_options, run_single_stage, single_stage_recipe
 
-    if max_activation_mb is not None and (not stream or max_activation_mb <= 0):
-        from lmslim.core.errors import UserError
-
-        raise UserError("--max-activation-mb takes a positive number of MB and applies to --stream runs only")
+    check_stream_options(stream, max_activation_mb)
     recipe, obj = single_stage_recipe(stage, options, model, data, task)
     guard_out(out_dir, inputs=[model, *recipe_inputs(recipe)], overwrite=overwrite)
     runtime = Runtime.create(device=device, threads=threads)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from lmslim.cli.common import ThreadsOpt, app, guard_out, out
+from lmslim.cli.common import MaxActivationOpt, ThreadsOpt, app, guard_out, out
 from lmslim.core.errors import UserError
 
 
@@ -25,6 +25,11 @@ def compress(
     stage_cache: Optional[Path] = typer.Option(None, "--stage-cache",
                                                help="Reuse finished stages of identical inputs and options from "
                                                     "here (shared across runs; files hard-linked)."),
+    stream: bool = typer.Option(False, "--stream", help="Never load the whole model: every stage (quantize "
+                                "gptq/rtn/awq/smoothquant/dynamic-int8, prune sparsegpt/wanda) and the perplexity run one "
+                                "block at a time; "
+                                "no benchmark. Same weights as without it."),
+    max_activation_mb: Optional[float] = MaxActivationOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Run a recipe's stages, measuring quality and cost before and after each; resumable."""
@@ -42,8 +47,11 @@ def compress(
         raise UserError("no model: give MODEL or set model: in the recipe")
     # run_compress checks --out and --measure-cache and holds the output's lock (for Python callers too).
     results = run_compress(spec, r, raw, out_dir, overwrite=overwrite, threads=threads, measure_cache=measure_cache,
-                           stage_cache=stage_cache, sources=(recipe,))
+                           stage_cache=stage_cache, sources=(recipe,), stream=stream,
+                           max_activation_mb=max_activation_mb)
     _print_variants(results)
+    if "stream" in results:
+        out.print(f"--stream: bench {results['stream']['bench']}")
     out.print(f"wrote {out_dir} (final model in {out_dir / 'model'})")
 
 

@@ -52,6 +52,7 @@ class InputStats:
 @torch.no_grad()
 def sequential(model: nn.Module, calib: torch.Tensor, target_names: set[str], batch_size: int,
                compress_block: Callable[[str, nn.Module, dict[str, nn.Module], list[BlockInput]], None],
+               after_block: Callable[[str, nn.Module, dict[str, nn.Module]], None] | None = None,
                ) -> Iterator[int]:
     """Drive block-by-block calibration; ``compress_block`` compresses one block in place.
 
@@ -59,6 +60,10 @@ def sequential(model: nn.Module, calib: torch.Tensor, target_names: set[str], ba
         target_names: full dotted names of the modules to compress.
         compress_block: called as ``(block_path, block, {full_name: module}, inputs)``; it may run
             the block on the inputs to gather statistics, then must replace/modify the modules.
+        after_block: called as ``(block_path, block, {full_name: module})`` once the block's outputs
+            (the next block's inputs) are computed, before a stream frees it: a technique that wants
+            the next block calibrated on this block's uncompressed outputs compresses here instead
+            (SmoothQuant: statistics gathered by hooks during that same forward pass).
 
     Yields:
         The index of each block once it is done (for progress reporting).
@@ -92,6 +97,9 @@ def sequential(model: nn.Module, calib: torch.Tensor, target_names: set[str], ba
                     outputs.append(BlockInput(run_block(block, inp), inp.kwargs))
                 inputs.close()
                 inputs = outputs
+            if mods and after_block is not None:
+                after_block(f"{path}.{i}", block, mods)
+            if stream is not None:
                 stream.release(i, block)
             yield i
         if stream is not None:

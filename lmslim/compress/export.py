@@ -261,7 +261,7 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid, damp: float 
     every column is rounded on its given per-weight step and offset, so the codes land on exactly the grid
     the file stores. Defaults as ``GPTQConfig``'s.
     """
-    from lmslim.compress.quantize.gptq import inverse_hessian_factor
+    from lmslim.compress.quantize.gptq import gptq_sweep, inverse_hessian_factor
 
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -276,20 +276,14 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid, damp: float 
     u = inverse_hessian_factor(h, damp)
     del h
     codes = torch.zeros(out, k, dtype=torch.int32)
-    for b0 in range(0, k, block_size):
-        b1 = min(b0 + block_size, k)
-        wb = w[:, b0:b1].clone()
-        errs = torch.zeros_like(wb)
-        ub = u[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            c = b0 + i
-            q = torch.clamp(torch.round((wb[:, i] + off[:, c]) / safe[:, c]), grid.qmin, grid.qmax)
-            q = torch.where(step[:, c] != 0, q, torch.zeros_like(q))  # a zero step holds only its offset
-            codes[:, c] = q.to(torch.int32)
-            err = (wb[:, i] - (step[:, c] * q - off[:, c])) / ub[i, i]
-            wb[:, i:] -= err.unsqueeze(1) * ub[i, i:].unsqueeze(0)  # compensate in this block
-            errs[:, i] = err
-        w[:, b1:] -= errs @ u[b0:b1, b1:]  # lazy update of the later blocks
+
+    def round_column(c: int, rest: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round((rest[:, 0] + off[:, c]) / safe[:, c]), grid.qmin, grid.qmax)
+        q = torch.where(step[:, c] != 0, q, torch.zeros_like(q))  # a zero step holds only its offset
+        codes[:, c] = q.to(torch.int32)
+        return step[:, c] * q - off[:, c]
+
+    gptq_sweep(w, u, block_size, round_column)
     unperm = torch.empty_like(codes)
     unperm[:, perm] = codes
     return unperm

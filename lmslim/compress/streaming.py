@@ -55,7 +55,7 @@ from lmslim.nn.quant_linear import QuantLinear
 log = logging.getLogger(__name__)
 
 # Methods whose handler goes through the block-by-block driver (sequential / each_block) and so streams.
-STREAMABLE = {"quantize": ("gptq", "rtn", "awq"), "prune": ("sparsegpt", "wanda")}
+STREAMABLE = {"quantize": ("gptq", "rtn", "awq", "smoothquant", "dynamic-int8"), "prune": ("sparsegpt", "wanda")}
 
 
 def check_streamable(stage: str, method: str, config: Any) -> None:
@@ -66,6 +66,19 @@ def check_streamable(stage: str, method: str, config: Any) -> None:
     if getattr(config, "minmax", False):
         raise UserError("streaming writes the compressed-tensors layout, which has no form for minmax grids; "
                         "drop minmax or run without --stream")
+
+
+def check_stage_streamable(stage: str, config: Any) -> str:
+    """The method name of a ``quantize`` / ``prune`` stage's config, or a one-line refusal if it cannot stream."""
+    from lmslim.compress.prune.api import PRUNERS
+    from lmslim.compress.quantize.api import QUANTIZERS
+
+    if stage not in STREAMABLE:
+        ok = ", ".join(f"{s} {'/'.join(m)}" for s, m in STREAMABLE.items())
+        raise UserError(f"stage {stage} cannot stream (streaming supports {ok}); run it without --stream")
+    method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
+    check_streamable(stage, method, config)
+    return method
 
 
 def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -207,8 +220,8 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
         UserError: a method that cannot stream, a bound below one calibration batch, a damaged shard;
             ``out`` is then left untouched.
     """
-    from lmslim.compress.prune.api import PRUNERS, prune_
-    from lmslim.compress.quantize.api import QUANTIZERS, quantize_
+    from lmslim.compress.prune.api import prune_
+    from lmslim.compress.quantize.api import quantize_
     from lmslim.core.io import atomic_dir
     from lmslim.core.runtime import Runtime
 
@@ -216,8 +229,7 @@ def stream_compress(folder: str | Path, stage: str, config: Any, out: str | Path
     if not max_activation_mb > 0:
         raise UserError(f"max_activation_mb must be a positive number of MB, got {max_activation_mb}")
     runtime = runtime or Runtime.create(device="cpu")
-    method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
-    check_streamable(stage, method, config)
+    check_stage_streamable(stage, config)
     source = open_streamed(folder, dtype=runtime.dtype, device=runtime.device, quantized_ok=False)
     # whatever of the input is cached (a caller's hash of the weights read it all) is charged to this
     # process's cgroup: drop it; blocks are read again when their turn comes (mapped pages stay)

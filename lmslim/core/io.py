@@ -180,18 +180,28 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, keep_cache: bool = True) -> str:
+    """SHA-256 of a file's bytes.
+
+    ``keep_cache=False`` drops each chunk from the page cache once hashed: clean cached pages are
+    charged to the reader's memory cgroup, so hashing a file larger than a memory limit would fill
+    the group before any work starts (they are reclaimable, but they crowd out what is not).
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        offset = 0
         while block := f.read(chunk):
             h.update(block)
+            if not keep_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), offset, len(block), os.POSIX_FADV_DONTNEED)
+            offset += len(block)
     return h.hexdigest()
 
 
-def sha256_files(paths: list[Path]) -> str:
+def sha256_files(paths: list[Path], keep_cache: bool = True) -> str:
     """One hash over several files (names and contents), order-independent in input."""
     h = hashlib.sha256()
     for p in sorted(paths, key=lambda p: p.name):
         h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
+        h.update(sha256_file(p, keep_cache=keep_cache).encode())
     return h.hexdigest()

@@ -53,10 +53,11 @@ class ResolvedModel:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weight_files())
 
-    def weights_hash(self) -> str | None:
+    def weights_hash(self, keep_cache: bool = True) -> str | None:
+        """SHA-256 of the weight files; ``keep_cache=False`` drops what it read from the page cache."""
         if self.weights_sha256 is None and self.path is not None:
             files = self.weight_files()
-            self.weights_sha256 = sha256_files(files) if files else None
+            self.weights_sha256 = sha256_files(files, keep_cache=keep_cache) if files else None
         return self.weights_sha256
 
 

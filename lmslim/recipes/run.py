@@ -50,10 +50,13 @@ def _fingerprint(*parts: Any) -> str:
 class Measurer:
     """Runs ``lmslim eval`` / ``lmslim bench`` in subprocesses, caching results by weights + settings."""
 
-    def __init__(self, recipe, threads: int | None, cache_dir: Path | None = None):
+    def __init__(self, recipe, threads: int | None, cache_dir: Path | None = None, stream: dict | None = None):
         self.recipe = recipe
         self.threads = threads if threads is not None else recipe.bench.threads
         self.cache_dir = cache_dir
+        # --stream: perplexity one block at a time (same number, ``lmslim eval --stream``); no benchmark,
+        # which would load the whole model
+        self.stream = stream
 
     def _cli(self, args: list[str], what: str) -> None:
         env = dict(os.environ)
@@ -77,8 +80,11 @@ class Measurer:
                     "--window", str(e.window), "--stride", str(e.stride)]
             if e.max_tokens is not None and e.task == "clm":
                 args += ["--max-tokens", str(e.max_tokens)]
+            if self.stream is not None:
+                args += ["--stream"] + [a for k, v in self.stream.items() if v is not None
+                                        for a in (f"--{k.replace('_', '-')}", str(v))]
             jobs.append(("eval", args + in_engine, {"eval": e.model_dump(), "data": r.data.eval, "engine": engine}))
-        if r.bench.enabled:
+        if r.bench.enabled and self.stream is None:
             b = r.bench
             args = ["bench", spec, "--prompt-len", str(b.prompt_len), "--gen-len", str(b.gen_len),
                     "--repeats", str(b.repeats), "--warmup", str(b.warmup)]
@@ -138,15 +144,20 @@ def _check_data(recipe, stage_objs) -> None:
 
 
 def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool = False, threads: int | None = None,
-             measure_cache: Path | None = None, stage_cache: Path | None = None, sources: tuple = ()) -> dict:
+             measure_cache: Path | None = None, stage_cache: Path | None = None, sources: tuple = (),
+             stream: bool = False, max_activation_mb: float | None = None) -> dict:
     """Run ``recipe`` on ``model_spec`` into ``out``; returns the results dict (also in results.json).
 
     ``sources``: files the recipe was read from; like every input they must not be under ``out``.
     ``stage_cache``: a folder of finished stages shared with other runs (``lmslim.recipes.stage_cache``).
+    ``stream``: never load the whole model: every stage streams one block at a time
+    (``lmslim.compress.streaming``; streamable quantize and prune methods only), perplexity is measured
+    the same way, and nothing is benchmarked (a benchmark runs the whole model).
     """
     from lmslim.core.guard import check_no_overlap, check_output
     from lmslim.modelio import resolve
     from lmslim.core.runtime import Runtime
+    from lmslim.recipes.single import check_stream_options
     from lmslim.recipes.stages import validate_stages
 
     out = Path(out)
@@ -157,25 +168,48 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
     for i, stage in enumerate(recipe.stages):  # stage outputs besides the model (a distillation teacher cache)
         if isinstance(stage.options.get("teacher_cache"), str):
             check_no_overlap(Path(stage.options["teacher_cache"]), [*inputs, out], f"stages.{i}.teacher_cache")
+    check_stream_options(stream, max_activation_mb)
     with check_output(out, inputs=inputs, overwrite=overwrite) or contextlib.nullcontext():
         stage_objs = validate_stages(recipe)
-        _check_data(recipe, stage_objs)
         resolved = resolve(model_spec)
+        streaming = _check_stream(recipe, stage_objs, resolved, max_activation_mb) if stream else None
+        _check_data(recipe, stage_objs)
         runtime = Runtime.create(device="cpu", threads=threads if threads is not None else recipe.bench.threads)
         work = out.parent / f".{out.name}.partial"  # resumable; only this run writes it (the lock above)
         work.mkdir(parents=True, exist_ok=True)
         cache = StageCache(stage_cache) if stage_cache is not None else None
         return _compress(model_spec, recipe, raw, out, work, stage_objs, resolved, runtime, threads, measure_cache,
-                         cache)
+                         cache, streaming)
+
+
+def _check_stream(recipe, stage_objs, resolved, max_activation_mb: float | None) -> dict:
+    """One-line refusals for a recipe ``--stream`` cannot run; the run control recorded in results.json."""
+    from lmslim.compress.streaming import check_stage_streamable
+
+    if resolved.path is None or not Path(resolved.path).is_dir() or not list(Path(resolved.path).glob("*.safetensors")):
+        raise UserError(f"--stream reads a local model folder of safetensors files; {resolved.spec} is not one")
+    for i, (spec, obj) in enumerate(zip(recipe.stages, stage_objs)):
+        try:
+            check_stage_streamable(spec.name, getattr(obj, "config", None))
+        except UserError as e:
+            raise UserError(f"stages.{i}: {e}") from None
+    if recipe.eval.enabled and recipe.eval.task != "clm":
+        raise UserError(f"--stream measures perplexity (eval.task clm), not {recipe.eval.task}; "
+                        "set eval.enabled: false or run without --stream")
+    return {"max_activation_mb": max_activation_mb,
+            "bench": "not measured: --stream never loads the whole model, and a benchmark runs all of it"
+            if recipe.bench.enabled else "disabled by the recipe"}
 
 
 def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolved, runtime, threads,
-              measure_cache, stage_cache: StageCache | None) -> dict:
-    input_hash = resolved.weights_hash()
+              measure_cache, stage_cache: StageCache | None, streaming: dict | None = None) -> dict:
+    keep_cache = streaming is None  # a streamed model may not fit in memory: its hash reads must not stay cached
+    input_hash = resolved.weights_hash(keep_cache=keep_cache)
     _undo_final_move(work)
     raw = dict(raw, model=model_spec)
     atomic_write_text(work / "recipe.yaml", yaml.safe_dump(raw, sort_keys=False))
-    measurer = Measurer(recipe, threads, measure_cache)
+    measurer = Measurer(recipe, threads, measure_cache,
+                        None if streaming is None else {"max_activation_mb": streaming["max_activation_mb"]})
     t_start = time.perf_counter()
     say = _stage_lines(len(recipe.stages))
     say("measuring the input model", 0)
@@ -189,7 +223,9 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
     n = len(recipe.stages)
     for i, (spec, obj) in enumerate(zip(recipe.stages, stage_objs)):
         sdir = work / "stages" / f"{i:02d}-{spec.name}"
-        fp = _fingerprint(prev_fp, spec.name, spec.options, recipe.data.model_dump(), recipe.eval.task)
+        # a streamed stage writes the same weights in another layout (sharded): not the same cache entry
+        fp = _fingerprint(prev_fp, spec.name, spec.options, recipe.data.model_dump(), recipe.eval.task,
+                          *(("stream",) if streaming is not None else ()))
         done = sdir / "done.json"
         measure_now = recipe.measure_each_stage or i == n - 1
         if _finished(sdir, fp):
@@ -199,7 +235,10 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
             say(f"stage {i + 1} ({spec.name}) reused from the stage cache", i + 1)
         else:
             say(f"stage {i + 1} ({spec.name}) running", i)
-            _run_stage(i, spec, obj, prev_spec, model_spec, recipe, runtime, sdir, fp)
+            if streaming is None:
+                _run_stage(i, spec, obj, prev_spec, model_spec, recipe, runtime, sdir, fp)
+            else:
+                _run_stage_streamed(spec, obj, prev_spec, recipe, runtime, sdir, fp, streaming["max_activation_mb"])
             if stage_cache is not None:
                 stage_cache.store(fp, sdir)
             say(f"stage {i + 1} ({spec.name}) finished", i + 1)
@@ -242,6 +281,8 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
                "task": recipe.eval.task, "data": recipe.data.model_dump(),
                "variants": _relocate(variants, work, out), "seconds": time.perf_counter() - t_start,
                "stage_cache_hits": stage_cache.hits if stage_cache is not None else 0}
+    if streaming is not None:
+        results["stream"] = streaming
     atomic_write_json(work / "results.json", results)
     (work / "final.json").unlink()
     publish_dir(work, out)  # DIR appears in one rename, results.json inside
@@ -257,7 +298,7 @@ def _finished(sdir: Path, fp: str) -> bool:
 
 def _run_stage(i: int, spec, obj, prev_spec: str, model_spec: str, recipe, runtime, sdir: Path, fp: str) -> None:
     """Run stage ``i`` on ``prev_spec`` into ``sdir``: model/, stage.json, any artifact, then done.json."""
-    from lmslim.modelio import load_model, resolve
+    from lmslim.modelio import load_model
     from lmslim.recipes.stages import STAGES, StageContext
 
     kind = STAGES[spec.name]
@@ -279,9 +320,34 @@ def _run_stage(i: int, spec, obj, prev_spec: str, model_spec: str, recipe, runti
     del lm, model
     if (sdir / "scratch").exists():
         shutil.rmtree(sdir / "scratch")
+    _finish_stage(spec, sdir, fp, report, t0, artifact)
+
+
+def _run_stage_streamed(spec, obj, prev_spec: str, recipe, runtime, sdir: Path, fp: str,
+                        max_activation_mb: float | None) -> None:
+    """``_run_stage`` with one block in memory at a time (``lmslim.recipes.single.stream_stage``)."""
+    from lmslim.modelio import resolve
+    from lmslim.recipes.single import stream_stage
+
+    if sdir.exists():
+        shutil.rmtree(sdir)
+    sdir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    report = stream_stage(recipe, spec.name, obj, resolve(prev_spec).path, sdir / "model", runtime,
+                          max_activation_mb=max_activation_mb)
+    failpoint("compress-stage")
+    _finish_stage(spec, sdir, fp, report, t0, None, keep_cache=False)
+
+
+def _finish_stage(spec, sdir: Path, fp: str, report: dict | None, t0: float, artifact: str | None,
+                  keep_cache: bool = True) -> None:
+    """stage.json (the report), then done.json with the fingerprint and the weights' hash: the stage is done."""
+    from lmslim.modelio import resolve
+
     report = dict(report or {}, seconds_total=time.perf_counter() - t0)
     atomic_write_json(sdir / "stage.json", {"stage": spec.name, "options": spec.options, "report": report})
-    weights = artifact_hash(sdir / artifact) if artifact else resolve(str(sdir / "model")).weights_hash()
+    weights = (artifact_hash(sdir / artifact) if artifact
+               else resolve(str(sdir / "model")).weights_hash(keep_cache=keep_cache))
     atomic_write_json(sdir / "done.json", {"fingerprint": fp, "weights_sha256": weights})
 
 

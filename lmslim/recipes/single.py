@@ -94,7 +94,6 @@ def run_streaming_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, max_a
     Same report and output folder contract (``lmslim.compress.streaming.stream_compress``); the input
     must be a local folder of safetensors files.
     """
-    from lmslim.compress.streaming import stream_compress
     from lmslim.core.errors import UserError
     from lmslim.core.io import atomic_write_json
     from lmslim.measure.bench import peak_rss_mb
@@ -106,16 +105,9 @@ def run_streaming_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, max_a
     if resolved.path is None or not Path(resolved.path).is_dir():
         raise UserError(f"--stream reads a local model folder of safetensors files; {recipe.model} is not one")
     t0 = time.perf_counter()
-    size_before, weights = resolved.size_bytes(), resolved.weights_hash()
-
-    def calibration(tokenizer):
-        if "calibration" not in STAGES[name].needs(obj):
-            return None
-        from lmslim.data.calib import calibration_ids
-        from lmslim.data.spec import load_data
-
-        docs = load_data(recipe.data.calibration, task="clm").documents
-        return calibration_ids(tokenizer, docs, obj.calib_samples, obj.seq_len)
+    # read once for the hash and dropped from the page cache: a model larger than memory must not
+    # fill the process's memory group with clean pages before the first block
+    size_before, weights = resolved.size_bytes(), resolved.weights_hash(keep_cache=False)
 
     def finalize(tmp: Path, report: dict) -> None:
         report.update({"model": recipe.model, "weights_sha256": weights, "options": recipe.stages[0].options,
@@ -126,9 +118,39 @@ def run_streaming_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, max_a
         report["calib"] = recipe.data.calibration if "calibration" in STAGES[name].needs(obj) else None
         atomic_write_json(tmp / f"lmslim_{name}.json", json.loads(json.dumps(report, default=str)))
 
+    return stream_stage(recipe, name, obj, resolved.path, out, runtime, max_activation_mb=max_activation_mb,
+                        finalize=finalize)
+
+
+def check_stream_options(stream: bool, max_activation_mb: float | None) -> None:
+    """``--max-activation-mb`` is a positive bound and only means something with ``--stream``."""
+    if max_activation_mb is not None and (not stream or not max_activation_mb > 0):
+        from lmslim.core.errors import UserError
+
+        raise UserError("--max-activation-mb takes a positive number of MB and applies to --stream runs only")
+
+
+def stream_stage(recipe: Any, name: str, obj: Any, folder: Path, out: Path, runtime: Any, *,
+                 max_activation_mb: float | None = None, finalize: Any = None) -> dict[str, Any]:
+    """Stage ``name`` (a streamable quantize or prune method) from the safetensors ``folder`` into ``out``.
+
+    One decoder block in memory at a time (``lmslim.compress.streaming.stream_compress``); calibration
+    ids come from the recipe's calibration data, tokenized as the in-memory stage does.
+    """
+    from lmslim.compress.streaming import stream_compress
+    from lmslim.recipes.stages import STAGES
+
+    def calibration(tokenizer):
+        if "calibration" not in STAGES[name].needs(obj):
+            return None
+        from lmslim.data.calib import calibration_ids
+        from lmslim.data.spec import load_data
+
+        docs = load_data(recipe.data.calibration, task="clm").documents
+        return calibration_ids(tokenizer, docs, obj.calib_samples, obj.seq_len)
+
     extra = {} if max_activation_mb is None else {"max_activation_mb": max_activation_mb}
-    return stream_compress(resolved.path, name, obj.config, out, calibration, runtime=runtime, finalize=finalize,
-                           **extra)
+    return stream_compress(folder, name, obj.config, out, calibration, runtime=runtime, finalize=finalize, **extra)
 
 
 def storage(folder: Path) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -152,26 +153,46 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, d
     codes = torch.zeros(out, k)
     if not static:
         block_size = max(g, (block_size // g) * g)  # group starts must fall inside the block being fitted
+
+    def round_column(c: int, rest: torch.Tensor) -> torch.Tensor:
+        col = int(perm[c])  # original column index
+        grp = col // g
+        if not static and col % g == 0:  # fit the group on its columns as updated so far
+            fit = search_params if clip_search else _params_for
+            scale[:, grp], offset[:, grp] = fit(rest[:, :g], scheme)
+        q, dq = _qdq(rest[:, 0], scale[:, grp], offset[:, grp], scheme.qmax)
+        codes[:, c] = q
+        return dq
+
+    gptq_sweep(w, u, block_size, round_column)
+    unperm = torch.empty_like(codes)
+    unperm[:, perm] = codes
+    return unperm.to(torch.uint8), scale, offset
+
+
+def gptq_sweep(w: torch.Tensor, u: torch.Tensor, block_size: int,
+               round_column: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+    """GPTQ's column sweep: round each column of ``w`` (out, K) in order, spreading its error onto the rest.
+
+    ``u`` is the upper Cholesky factor of the damped H⁻¹ (``inverse_hessian_factor``), both in sweep
+    order. ``round_column(c, rest)`` gets column ``c``'s index and the block's columns from ``c`` on as
+    updated so far (``rest[:, 0]`` is the column, (out, ≤ block_size)), records its codes, and returns
+    the rounded column. Errors are compensated inside the block at once and in later blocks lazily,
+    one matrix product per block (Frantar et al., https://arxiv.org/abs/2210.17323, section 3).
+    ``w`` is updated in place.
+    """
+    k = w.shape[1]
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         wb = w[:, b0:b1].clone()
         errs = torch.zeros_like(wb)
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            col = int(perm[b0 + i])  # original column index
-            grp = col // g
-            if not static and col % g == 0:
-                fit = search_params if clip_search else _params_for
-                scale[:, grp], offset[:, grp] = fit(wb[:, i:i + g], scheme)
-            q, dq = _qdq(wb[:, i], scale[:, grp], offset[:, grp], scheme.qmax)
-            codes[:, b0 + i] = q
+            dq = round_column(b0 + i, wb[:, i:])
             err = (wb[:, i] - dq) / ub[i, i]
             wb[:, i:] -= err.unsqueeze(1) * ub[i, i:].unsqueeze(0)  # compensate in this block
             errs[:, i] = err
         w[:, b1:] -= errs @ u[b0:b1, b1:]  # lazy update of the later blocks
-    unperm = torch.empty_like(codes)
-    unperm[:, perm] = codes
-    return unperm.to(torch.uint8), scale, offset
 
 
 class _Stop(Exception):
@@ -200,12 +221,14 @@ def run_block_until(block: torch.nn.Module, inp, modules: list[torch.nn.Module])
 @torch.no_grad()
 def input_groups(block: torch.nn.Module, mods: dict[str, torch.nn.Module], inp) -> list[list[str]]:
     """The block's matrices in call order, grouped by shared input (q/k/v; o; gate/up; down)."""
-    calls: list[tuple[str, int]] = []
+    # the inputs themselves are kept until grouped: a freed input's memory can be reused by a later
+    # one, and then two different inputs would have the same address
+    calls: list[tuple[str, torch.Tensor]] = []
     by_id = {id(m): n for n, m in mods.items()}
 
     def hook(mod, args):
         if by_id[id(mod)] not in {n for n, _ in calls}:
-            calls.append((by_id[id(mod)], args[0].data_ptr()))
+            calls.append((by_id[id(mod)], args[0]))
 
     handles = [m.register_forward_pre_hook(hook) for m in mods.values()]
     try:
@@ -215,7 +238,8 @@ def input_groups(block: torch.nn.Module, mods: dict[str, torch.nn.Module], inp) 
             h.remove()
     groups: list[list[str]] = []
     last_ptr = None
-    for name, ptr in calls:
+    for name, x in calls:
+        ptr = (x.data_ptr(), x.shape)
         if groups and ptr == last_ptr:
             groups[-1].append(name)
         else:

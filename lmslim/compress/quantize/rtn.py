@@ -94,8 +94,16 @@ def _rtn(model, config: RTNConfig, calib=None) -> dict:
 
 @QUANTIZERS.register("dynamic-int8", DynamicInt8Config)
 def dynamic_int8(model, config: DynamicInt8Config, calib=None) -> dict:
-    """Swap every targeted matrix for int8 per-channel weights on an int8 kernel (also used by SmoothQuant)."""
+    """Swap every targeted matrix for int8 per-channel weights on an int8 kernel."""
+    from lmslim.compress.calibration import block_stream, each_block
+
     scheme = Scheme(bits=8, group_size=None, symmetric=True)
-    for name, module in targets_of(model, config):
+    targets = dict(targets_of(model, config))
+    if block_stream(model) is not None:  # streamed: quantize each block while it is loaded
+        for _path, _block, mods in each_block(model, set(targets)):
+            for name, module in mods.items():
+                replace_with_quant(model, name, module, scheme, config.kernel)
+                del targets[name]
+    for name, module in targets.items():
         replace_with_quant(model, name, module, scheme, config.kernel)
     return {}

@@ -11,6 +11,8 @@ them, so both quantize well at 8 bits. The division is folded into the operation
 - GPT-2 blocks: ``ln_1`` → ``attn.c_attn`` and ``ln_2`` → ``mlp.c_fc``.
 
 The smoothed model is then quantized like ``dynamic-int8`` (per-token activations, int8 weights).
+Statistics, smoothing and quantization go block by block, so a streamed model (``--stream``) gets
+exactly the codes the model in memory gets.
 
 Example:
     >>> import torch
@@ -29,10 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmslim.compress.calibration import transformer_blocks
+from lmslim.compress.calibration import InputStats, sequential
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, targets_of
-from lmslim.compress.quantize.rtn import DynamicInt8Config, dynamic_int8
+from lmslim.compress.quantize.rtn import replace_with_quant
 from lmslim.core.errors import UserError
+from lmslim.nn.scheme import Scheme
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +72,6 @@ def _is_conv1d(m: nn.Module) -> bool:
 def _in_weight_view(m: nn.Module) -> torch.Tensor:
     """The weight with input channels on the last dim: (out, in)."""
     return m.weight.data.t() if _is_conv1d(m) else m.weight.data
-
-
-@torch.no_grad()
-def activation_maxima(model: nn.Module, modules: dict[str, nn.Module], calib: torch.Tensor, batch_size: int
-                      ) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of each module over the calibration set."""
-    maxima: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(_m, args, _out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
-            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        for i in range(0, calib.shape[0], batch_size):
-            model(input_ids=calib[i:i + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return maxima
 
 
 @torch.no_grad()
@@ -132,30 +113,60 @@ def _family(block: nn.Module) -> str | None:
     return None
 
 
+def _block_groups(block: nn.Module, block_path: str, targets: dict[str, nn.Module]) -> list[tuple]:
+    """``(producer, [consumers], consumer full names)`` of one block whose consumers are all targets."""
+    fam = _family(block)
+    groups = []
+    for prod, cons in _GROUPS.get(fam, ()):
+        names = [f"{block_path}.{c}" for c in cons]
+        if all(n in targets for n in names):
+            groups.append((block.get_submodule(prod), [block.get_submodule(c) for c in cons], names))
+    return groups
+
+
 @QUANTIZERS.register("smoothquant", SmoothQuantConfig)
 def _smoothquant(model, config: SmoothQuantConfig, calib: torch.Tensor | None) -> dict:
+    """Block by block (``lmslim.compress.calibration.sequential``, so a streamed model gives the same result).
+
+    Hooks on each group's first consumer record max |x| while the driver runs the block's float
+    weights to make the next block's inputs; then the block is smoothed and quantized. Every block is
+    therefore calibrated on float activations, as in the paper's one-pass statistics.
+    """
     if calib is None or calib.numel() == 0:
         raise UserError("SmoothQuant needs calibration data; none was given")
     targets = dict(targets_of(model, config))
-    path, blocks = transformer_blocks(model)
-    plan = []  # (producer, [consumers], consumer full names)
-    for i, block in enumerate(blocks):
-        fam = _family(block)
-        if fam is None:
-            continue
-        for prod, cons in _GROUPS[fam]:
-            names = [f"{path}.{i}.{c}" for c in cons]
-            if all(n in targets for n in names):
-                plan.append((block.get_submodule(prod), [block.get_submodule(c) for c in cons], names))
-    if not plan:
-        log.warning("SmoothQuant: no smoothable (norm/linear -> linear) pairs in %s; quantizing without smoothing",
+    scheme = Scheme(bits=8, group_size=None, symmetric=True)  # dynamic int8's grid
+    pending: dict[str, tuple[list, dict, InputStats]] = {}
+    smoothed = 0
+
+    def update(maxima: dict):
+        def fn(name: str, x: torch.Tensor) -> None:  # x: (N, K)
+            m = x.abs().amax(0)
+            maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
+        return fn
+
+    def watch(block_path, block, mods, _inputs) -> None:  # before the block runs: hooks only
+        groups, maxima = _block_groups(block, block_path, targets), {}
+        firsts = {names[0]: consumers[0] for _, consumers, names in groups}
+        pending[block_path] = (groups, maxima, InputStats(firsts, update(maxima)))
+
+    def compress(block_path, block, mods) -> None:  # after it ran: smooth, then int8
+        nonlocal smoothed
+        groups, maxima, stats = pending.pop(block_path)
+        stats.remove()
+        for producer, consumers, names in groups:
+            smooth_(producer, consumers, maxima[names[0]], config.alpha)
+        smoothed += len(groups)
+        for name, module in mods.items():
+            replace_with_quant(model, name, module, scheme, config.kernel)
+            del targets[name]
+
+    for _ in sequential(model, calib, set(targets), config.batch_size, watch, after_block=compress):
+        pass
+    for name, module in targets.items():  # outside the blocks (an LM head): quantized without smoothing
+        replace_with_quant(model, name, module, scheme, config.kernel)
+    if not smoothed:
+        log.warning("SmoothQuant: no smoothable (norm/linear -> linear) pairs in %s; quantized without smoothing",
                     type(model).__name__)
-    first_consumers = {names[0]: targets[names[0]] for _, _, names in plan}
-    maxima = activation_maxima(model, first_consumers, calib, config.batch_size)
-    for producer, consumers, names in plan:
-        smooth_(producer, consumers, maxima[names[0]], config.alpha)
-    dyn = DynamicInt8Config(targets=config.targets, ignore=config.ignore, include_lm_head=config.include_lm_head,
-                            kernel=config.kernel)
-    dynamic_int8(model, dyn)
-    return {"smoothed_groups": len(plan), "alpha": config.alpha,
+    return {"smoothed_groups": smoothed, "alpha": config.alpha,
             "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])}}

@@ -8,28 +8,13 @@ version).
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 from rich.table import Table
 
 from lmslim.cli.common import out, write_json
 from lmslim.core.errors import UserError
-
-
-def _engine(engine: str) -> SimpleNamespace:
-    """The engine's measuring functions: require, perplexity, bench, envelope, and the settings' dtype."""
-    if engine == "llama.cpp":
-        from lmslim.measure.engines import llama_cpp as m
-
-        return SimpleNamespace(require=m.require_llama_cpp, perplexity=m.perplexity_gguf, bench=m.bench_gguf,
-                               envelope=m.envelope_gguf, dtype="gguf")
-    if engine == "onnxruntime":
-        from lmslim.measure.engines import onnxruntime as m
-
-        return SimpleNamespace(require=m.require_onnxruntime, perplexity=m.perplexity_onnx, bench=m.bench_onnx,
-                               envelope=m.envelope_onnx, dtype="onnx")
-    raise UserError(f"unknown deployment engine {engine!r}")
+from lmslim.measure.engines import engine_api
 
 
 def _table(title: str, metrics: dict, fmt: str) -> Table:
@@ -57,7 +42,7 @@ def eval_in_engine(engine: str, model: str, data: str, task: str, window: int, s
 
     if task != "clm":
         raise UserError(f"--engine {engine} measures perplexity (--task clm), not {task}")
-    api = _engine(engine)
+    api = engine_api(engine)
     api.require()
     n = _threads(threads)
     ds = load_data(data, task=task, text_column=text_column, label_column=label_column)
@@ -74,7 +59,7 @@ def eval_in_engine(engine: str, model: str, data: str, task: str, window: int, s
 def bench_in_engine(engine: str, model: str, cfg, task: str, json_out: Optional[Path], threads: Optional[int]) -> None:
     if task not in ("auto", "clm"):
         raise UserError(f"--engine {engine} benches causal LMs (--task clm), not {task}")
-    api = _engine(engine)
+    api = engine_api(engine)
     n = _threads(threads)
     path = Path(model).expanduser()
     metrics = api.bench(path, cfg, n)

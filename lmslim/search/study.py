@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from lmslim.core.configs import show
 from lmslim.core.errors import UserError
+from lmslim.measure.engines import require_engine
 from lmslim.search import budget as budget_mod
 from lmslim.search import space as space_mod
 from lmslim.search.trials import Settings, numbers, recipe_hash, run_trial
@@ -124,7 +125,7 @@ def prepare(config: SearchConfig) -> Plan:
     objective = budget_mod.parse_objective(config.objective)
     if config.engine not in space_mod.ENGINES:
         raise UserError(f"unknown engine {show(config.engine)}; choose one of: {', '.join(space_mod.ENGINES)}")
-    _require_engine(config.engine)
+    require_engine(config.engine)
     quality = budget_mod.quality_axis(terms, "clm")
     if quality[0] != "perplexity":
         raise UserError(f"search measures causal LMs by perplexity; {quality[0]} needs another task")
@@ -147,17 +148,6 @@ def prepare(config: SearchConfig) -> Plan:
                         bench={"prompt_len": config.prompt_len, "gen_len": config.gen_len, "repeats": 3, "warmup": 1},
                         threads=config.threads)
     return Plan(config, terms, objective, quality, space, settings)
-
-
-def _require_engine(engine: str) -> None:
-    if engine == "llama.cpp":
-        from lmslim.measure.engines.llama_cpp import require_llama_cpp
-
-        require_llama_cpp()
-    elif engine == "onnxruntime":
-        from lmslim.measure.engines.onnxruntime import require_onnxruntime
-
-        require_onnxruntime()
 
 
 def _model_shape(spec: str) -> tuple[int, int]:

@@ -155,11 +155,12 @@ def _file_weights_model(model, path):
     return m
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q5_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q5_0", "q4_0", "q3_k", "q2_k", "q5_k", "q5_1"])
 def test_kquant_export_runs_in_llama_cpp_on_exactly_lmslims_dequantized_weights(tmp_path, kind):
     m, tok = tiny_llama(hidden=256, ff=512, init=0.08, seed=1)  # rows of 256 and 512: whole super-blocks
     path = tmp_path / f"{kind}.gguf"
-    export_model(m, tok, "gguf", path, GGUFExportConfig(type=kind, embed_type="f32"))
+    export_model(m, tok, "gguf", path, GGUFExportConfig(type=kind, embed_type="f32",
+                                                        tensor_types=(("blk.*", kind),)))
     ids = list(range(3, 99))
     with torch.no_grad():
         ref = m(input_ids=torch.tensor([ids])).logits[0]

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from lmslim.core.errors import UserError
 
@@ -41,16 +42,35 @@ def check_engine(engine: str, model: str) -> str:
     return engine
 
 
+def engine_api(engine: str) -> SimpleNamespace:
+    """A deployment engine's functions: ``require`` (a one-line error when it is not installed),
+    ``perplexity``, ``bench``, ``envelope``, ``info``, and ``dtype`` (what bench settings record).
+
+    ``torch`` is measured by ``lmslim.measure.eval`` / ``bench`` directly and has no entry here.
+    """
+    if engine == "llama.cpp":
+        from lmslim.measure.engines import llama_cpp as m
+
+        return SimpleNamespace(require=m.require_llama_cpp, perplexity=m.perplexity_gguf, bench=m.bench_gguf,
+                               envelope=m.envelope_gguf, info=m.engine_info, dtype="gguf")
+    if engine == "onnxruntime":
+        from lmslim.measure.engines import onnxruntime as m
+
+        return SimpleNamespace(require=m.require_onnxruntime, perplexity=m.perplexity_onnx, bench=m.bench_onnx,
+                               envelope=m.envelope_onnx, info=m.engine_info, dtype="onnx")
+    raise UserError(f"unknown deployment engine {engine!r}")
+
+
+def require_engine(engine: str) -> None:
+    """A one-line ``UserError`` when ``engine`` cannot run here (not installed); torch always can."""
+    if engine != "torch":
+        engine_api(engine).require()
+
+
 def engine_info(engine: str) -> dict[str, str]:
     """``{"name", "version"}`` of an engine as installed."""
-    if engine == "llama.cpp":
-        from lmslim.measure.engines.llama_cpp import engine_info as info
-
-        return info()
-    if engine == "onnxruntime":
-        from lmslim.measure.engines.onnxruntime import engine_info as ort_info
-
-        return ort_info()
+    if engine != "torch":
+        return engine_api(engine).info()
     import torch
 
     return {"name": "torch", "version": torch.__version__}

@@ -37,7 +37,8 @@ from typing import Any
 
 from lmslim.core.errors import UserError
 from lmslim.measure.compare import QUALITY
-from lmslim.report.chart import CHART_CSS, pareto_png, pareto_svg
+from lmslim.report.chart import pareto_png
+from lmslim.report.chart_svg import CHART_CSS, pareto_svg
 
 # Decode-speed ratios within ±10% of 1 are treated as noise on a shared 2-core machine.
 NOISE = 0.10

@@ -10,8 +10,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from lmslim.report.build import build_report, collect_all, load_runs
-from lmslim.report.chart import (CHART_CSS, axis_scale, axis_ticks, bubble_radius, pareto_figure, pareto_svg,
-                                 place_labels)
+from lmslim.report.chart import axis_scale, axis_ticks, bubble_radius, pareto_figure, place_labels
+from lmslim.report.chart_svg import CHART_CSS, pareto_svg
 from tests.report.test_report import CHROMIUM, make_run, variant
 
 PPL = ("perplexity", "ppl", False)

@@ -260,18 +260,7 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
                                      record["weights_sha256"], measured, stage_report))
         prev_spec, prev_fp, prev_dir, prev_weights = str(sdir / "model"), fp, sdir, record["weights_sha256"]
 
-    # The final model moves out of its stage folder; a note says where it came from, so a run killed
-    # between this move and the rename below puts it back on the next start (_undo_final_move).
-    atomic_write_json(work / "final.json", {"stage_dir": prev_dir.name})
-    os.replace(prev_dir / "model", work / "model")
-    artifact = json.loads((prev_dir / "stage.json").read_text())["report"].get("artifact") if prev_dir else None
-    if artifact:  # the export (the last stage) beside the model it was made from: DIR/model.gguf, DIR/model-onnx
-        os.replace(prev_dir / artifact, work / artifact)
-    failpoint("compress-final")
-    if not recipe.keep_intermediate:  # kept until now so any interrupted run could resume
-        for d in (work / "stages").iterdir():
-            if (d / "model").exists():
-                shutil.rmtree(d / "model")
+    artifact = _take_final(work, prev_dir, recipe.keep_intermediate)
     for v in variants[1:]:  # where each variant's model is once DIR is published (None: not kept)
         kept = recipe.keep_intermediate and v["model"] is not None
         v["model"] = v["model"] if kept else None
@@ -288,6 +277,26 @@ def _compress(model_spec, recipe, raw, out: Path, work: Path, stage_objs, resolv
     publish_dir(work, out)  # DIR appears in one rename, results.json inside
     say(f"published {out}", n)
     return results
+
+
+def _take_final(work: Path, last_dir: Path, keep_intermediate: bool) -> str | None:
+    """Move the last stage's model (and its export, if any) to ``work``; drop the others' models unless kept.
+
+    Returns the export's name (``model.gguf``, ``model-onnx``) or None.
+    """
+    # a note says where the model came from, so a run killed between this move and publishing
+    # puts it back on the next start (_undo_final_move)
+    atomic_write_json(work / "final.json", {"stage_dir": last_dir.name})
+    os.replace(last_dir / "model", work / "model")
+    artifact = json.loads((last_dir / "stage.json").read_text())["report"].get("artifact")
+    if artifact:  # the export (the last stage) beside the model it was made from: DIR/model.gguf, DIR/model-onnx
+        os.replace(last_dir / artifact, work / artifact)
+    failpoint("compress-final")
+    if not keep_intermediate:  # kept until now so any interrupted run could resume
+        for d in (work / "stages").iterdir():
+            if (d / "model").exists():
+                shutil.rmtree(d / "model")
+    return artifact
 
 
 def _finished(sdir: Path, fp: str) -> bool:

@@ -121,9 +121,12 @@ def _initializer(path, prefix):
     return onnx.numpy_helper.to_array(t, base_dir=str(path))
 
 
-@pytest.mark.parametrize("bits,kind,symmetric", [(4, "int4", False), (4, "int4", True), (8, "int8", False)])
-def test_quantized_model_keeps_its_codes_and_logits(tmp_path, bits, kind, symmetric):
-    qm = _quantized(bits, symmetric=symmetric)
+@pytest.mark.parametrize("bits,kind,symmetric,group_size", [
+    (4, "int4", False, 32), (4, "int4", True, 32), (8, "int8", False, 32),
+    (8, "int8", True, None), (8, "int8", False, None)], ids=["int4", "int4-sym", "int8", "int8-sym-per-channel",
+                                                             "int8-per-channel"])
+def test_quantized_model_keeps_its_codes_and_logits(tmp_path, bits, kind, symmetric, group_size):
+    qm = _quantized(bits, group_size=group_size, symmetric=symmetric)
     ref = _torch(qm[0], IDS)
     scale = np.abs(ref).max()
     exact = _export(qm, tmp_path / "exact", type=kind, int8_compute=False)
@@ -197,9 +200,6 @@ def test_refusals_leave_nothing(tmp_path, model):
     q4 = _quantized(4)
     with pytest.raises(UserError, match="already quantized to 4 bits"):
         export_model(*q4, "onnx", tmp_path / "b", ONNXExportConfig(type="int8"))
-    per_channel = _quantized(8, group_size=None)
-    with pytest.raises(UserError, match="per-channel"):
-        export_model(*per_channel, "onnx", tmp_path / "c", ONNXExportConfig(type="int8"))
     odd = _quantized(4, group_size=24)
     with pytest.raises(UserError, match="group size 24"):
         export_model(*odd, "onnx", tmp_path / "d", ONNXExportConfig(type="int4"))

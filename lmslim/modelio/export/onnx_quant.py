@@ -17,15 +17,19 @@ group), so a group is a block and ``zero_point = -offset / scale``:
   in float32 (8-bit minmax grids are refused).
 
 Codes, scales and the integer zero points are copied, never re-rounded. A group size must be a
-power of two >= 16 (MatMulNBits' block sizes); per-channel grids are refused, as a block as wide as
-a row would pad it to the next power of two. A last group shorter than the block (lmslim's partial
-groups, e.g. 176 = 5·32 + 16) is padded with code 0, which multiplies nothing: ORT reads K inputs.
+power of two >= 16 (MatMulNBits' block sizes). A per-channel grid (one scale per row: dynamic int8,
+SmoothQuant, ``--bits 8`` RTN/GPTQ) is written as blocks of 128 inputs (fewer for narrower rows)
+that all repeat their row's scale and zero point: the same weights exactly, for 4 bytes of scale
+per block. A last group shorter than the block (lmslim's partial groups, e.g. 176 = 5·32 + 16) is
+padded with code 0, which multiplies nothing: ORT reads K inputs.
 
 Float weights exported as int8/int4 are rounded here with lmslim's RTN on the asymmetric
 zero-point grid at the configured group size (``lmslim.nn.scheme.quantize_weight``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -35,6 +39,7 @@ from lmslim.nn.quant_linear import QuantLinear
 from lmslim.nn.scheme import Scheme, quantize_weight
 
 BITS = {"int8": 8, "int4": 4}
+ROW_BLOCK = 128  # MatMulNBits block for a per-channel grid's rows (their scale repeated per block)
 
 
 def check_block(group_size: int | None, where: str) -> int:
@@ -88,8 +93,14 @@ def quantized_parts(module, kind: str, group_size: int, where: str):
         if s.bits != bits:
             raise UserError(f"{where} is already quantized to {s.bits} bits, not {kind}; re-rounding it would add "
                             f"error: export --type {'int8' if s.bits == 8 else 'int4' if s.bits == 4 else 'f32'}")
+        codes, scale, offset = module.codes(), module.scale.float(), module.offset.float()
+        if s.group_size is None:  # per-channel: every block of a row repeats the row's scale and offset
+            k = codes.shape[1]
+            block = min(ROW_BLOCK, max(16, 1 << (k.bit_length() - 1)))  # a power of two, at most the row
+            blocks = -(-k // block)
+            return codes, scale.repeat(1, blocks), offset.repeat(1, blocks), dataclasses.replace(s, group_size=block)
         check_block(s.group_size, where)
-        return module.codes(), module.scale.float(), module.offset.float(), s
+        return codes, scale, offset, s
     scheme = Scheme(bits=bits, group_size=group_size, symmetric=False)
     codes, scale, offset = quantize_weight(module.weight.detach().float(), scheme)
     return codes, scale, offset, scheme

@@ -71,7 +71,7 @@ def ort_decode(lm, prompt: np.ndarray, gen: int) -> float:
 
 def build(out: Path, threads: int):
     """The variants: (name, engine, runner, size MB, perplexity callable)."""
-    from lmslim.compress.quantize import RTNConfig, quantize_
+    from lmslim.compress.quantize import DynamicInt8Config, RTNConfig, quantize_
     from lmslim.measure.engines.onnxruntime import OnnxRuntimeLM, export_size
     from lmslim.modelio import load_model
     from lmslim.modelio.export import export_model
@@ -83,8 +83,12 @@ def build(out: Path, threads: int):
         m = copy.deepcopy(lm.model)
         quantize_(m, RTNConfig(bits=bits, group_size=128))
         models[f"w{bits} g128"] = m
+    m = copy.deepcopy(lm.model)
+    quantize_(m, DynamicInt8Config())  # per-channel symmetric int8: exported as blocks repeating the row's scale
+    models["dyn int8"] = m
     exports = {"fp32": ("fp32", ONNXExportConfig(type="f32")),
                "w8 g128": ("w8 g128", ONNXExportConfig(type="int8")),
+               "dyn int8": ("dyn int8", ONNXExportConfig(type="int8")),
                "w4 g128": ("w4 g128", ONNXExportConfig(type="int4")),
                "w4 g128 + head w4": ("w4 g128", ONNXExportConfig(type="int4", lm_head=True))}
     variants = [(name, "torch", m, torch_size_mb(m)) for name, m in models.items()]

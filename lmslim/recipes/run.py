@@ -38,7 +38,7 @@ from lmslim.core.faults import failpoint
 from lmslim.core.progress import LineProgress
 from lmslim.core.io import atomic_dir, atomic_write_json, atomic_write_text, publish_dir
 from lmslim.modelio import save_model
-from lmslim.recipes.stage_cache import StageCache
+from lmslim.recipes.stage_cache import StageCache, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,13 @@ def _run_stage(i: int, spec, obj, prev_spec: str, model_spec: str, recipe, runti
     artifact = kind.artifact(obj)
     if artifact:  # an export: the stage's model is the one exported, saved before the export rounds it
         with atomic_dir(sdir / "model") as tmp:
-            save_model(lm.model, lm.tokenizer, tmp)
+            prev = Path(prev_spec)
+            if prev.parent.parent == sdir.parent and prev.is_dir():
+                # the previous stage's folder of this run: its files, hard-linked. Never a user's input,
+                # which may be rewritten in place later (save_pretrained truncates files) under a link.
+                shutil.copytree(prev, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
+            else:
+                save_model(lm.model, lm.tokenizer, tmp)
     model, tokenizer, report = kind.run(lm, obj, ctx)
     if not artifact:
         with atomic_dir(sdir / "model") as tmp:

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 _NOT_CACHED = {"eval.json", "bench.json", "scratch"}
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst``; copy where the file system cannot link."""
     try:
         os.link(src, dst)
     except OSError as e:  # another file system, or one without hard links
@@ -53,7 +54,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def _clone(src: Path, dst: Path) -> None:
     """``dst`` (must not exist) gets ``src``'s files, hard-linked where possible, minus measurements."""
-    shutil.copytree(src, dst, copy_function=_link_or_copy, ignore=lambda d, names: [n for n in names if
+    shutil.copytree(src, dst, copy_function=link_or_copy, ignore=lambda d, names: [n for n in names if
                                                                                     Path(d) == src and n in _NOT_CACHED])
 
 

@@ -30,12 +30,15 @@ def test_export_stage_is_measured_in_its_engine(tmp_path, text_file, capsys, fmt
     recipe = write_recipe(tmp_path / "r.yaml", text_file,
                           [{"prune": {"method": "magnitude", "sparsity": 0.3}}, {"export": options}], measure=True)
     out = tmp_path / "out"
-    assert main(["compress", "builtin:tiny-llama", "--recipe", str(recipe), "--out", str(out)]) == 0, \
-        capsys.readouterr().err
+    assert main(["compress", "builtin:tiny-llama", "--recipe", str(recipe), "--out", str(out),
+                 "keep_intermediate=true"]) == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     base, pruned, exported = res["variants"]
     assert exported["stage"] == "export" and exported["model"] == artifact and (out / artifact).exists()
     assert (out / "model" / "config.json").is_file()  # the model the export was made from, beside it
+    # ... which is the pruned stage's folder, hard-linked rather than written again
+    weights = out / "model" / "model.safetensors"
+    assert weights.stat().st_ino == (out / "stages" / "00-prune" / "model" / "model.safetensors").stat().st_ino
     for kind in ("eval", "bench"):
         assert base[kind]["engine"]["name"] == "torch" and exported[kind]["engine"]["name"] == engine
     # same token windows in every engine; the 8-bit/4-bit export stays near the pruned model it was made from

@@ -176,8 +176,10 @@ def test_streaming_fits_a_memory_limit_the_in_memory_path_does_not(tmp_path, cal
     in_memory = limited_run([*cmd, "--out", str(tmp_path / "m")], limit_mb)
     assert in_memory["rc"] != 0 and in_memory["oom_kills"] >= 1
     assert not (tmp_path / "m").exists()
-    # a whole recipe under the same limit: the stage and both perplexity runs (child processes, so in the
-    # same group) stream; the benchmark is left out
+    # a whole recipe: the stage and both perplexity runs stream; the benchmark is left out. The perplexity
+    # runs are child processes in the same group as the waiting compress process, so two fixed overheads
+    # (~350 MB each) share it: at 700 MB they squeezed torch's code pages out over and over (no OOM kill,
+    # but ~1 TB re-read from disk, 15 min). 1,000 MB still cannot hold the 830 MB model and one overhead.
     import yaml
 
     recipe = tmp_path / "r.yaml"
@@ -186,9 +188,9 @@ def test_streaming_fits_a_memory_limit_the_in_memory_path_does_not(tmp_path, cal
         "stages": [{"prune": {"method": "wanda", "sparsity": 0.5, "calib_samples": 4, "seq_len": 64}}],
         "eval": {"max_tokens": 256, "window": 64, "stride": 64}, "bench": {"enabled": True}}))
     run = limited_run([lmslim, "compress", str(src), "--recipe", str(recipe), "--out", str(tmp_path / "c"),
-                       "--stream", "--threads", "1"], limit_mb)
+                       "--stream", "--threads", "1"], 1000)
     assert run["rc"] == 0, run["stderr"][-2000:]
-    assert run["oom_kills"] == 0 and run["cgroup_max_usage_mb"] <= limit_mb
+    assert run["oom_kills"] == 0 and run["cgroup_max_usage_mb"] <= 1000
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     base, pruned = results["variants"]
     assert base["eval"]["perplexity"] > 0 and pruned["eval"]["perplexity"] != base["eval"]["perplexity"]

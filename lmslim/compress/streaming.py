@@ -58,27 +58,20 @@ log = logging.getLogger(__name__)
 STREAMABLE = {"quantize": ("gptq", "rtn", "awq", "smoothquant", "dynamic-int8"), "prune": ("sparsegpt", "wanda")}
 
 
-def check_streamable(stage: str, method: str, config: Any) -> None:
-    """One-line refusal for what cannot stream (yet)."""
-    if method not in STREAMABLE.get(stage, ()):
-        ok = ", ".join(f"{s} {'/'.join(m)}" for s, m in STREAMABLE.items())
+def check_stage_streamable(stage: str, config: Any) -> None:
+    """One-line refusal for a ``quantize`` / ``prune`` config (or any other stage) that cannot stream (yet)."""
+    from lmslim.compress.prune.api import PRUNERS
+    from lmslim.compress.quantize.api import QUANTIZERS
+
+    ok = ", ".join(f"{s} {'/'.join(m)}" for s, m in STREAMABLE.items())
+    if stage not in STREAMABLE:
+        raise UserError(f"stage {stage} cannot stream (streaming supports {ok}); run it without --stream")
+    method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
+    if method not in STREAMABLE[stage]:
         raise UserError(f"{stage} {method} cannot stream yet (streaming supports {ok}); run it without --stream")
     if getattr(config, "minmax", False):
         raise UserError("streaming writes the compressed-tensors layout, which has no form for minmax grids; "
                         "drop minmax or run without --stream")
-
-
-def check_stage_streamable(stage: str, config: Any) -> str:
-    """The method name of a ``quantize`` / ``prune`` stage's config, or a one-line refusal if it cannot stream."""
-    from lmslim.compress.prune.api import PRUNERS
-    from lmslim.compress.quantize.api import QUANTIZERS
-
-    if stage not in STREAMABLE:
-        ok = ", ".join(f"{s} {'/'.join(m)}" for s, m in STREAMABLE.items())
-        raise UserError(f"stage {stage} cannot stream (streaming supports {ok}); run it without --stream")
-    method = (QUANTIZERS if stage == "quantize" else PRUNERS).handler_for(config)[0]
-    check_streamable(stage, method, config)
-    return method
 
 
 def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:

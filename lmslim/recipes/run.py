@@ -185,9 +185,9 @@ def compress(model_spec: str, recipe, raw: dict, out: Path, *, overwrite: bool =
 def _check_stream(recipe, stage_objs, resolved, max_activation_mb: float | None) -> dict:
     """One-line refusals for a recipe ``--stream`` cannot run; the run control recorded in results.json."""
     from lmslim.compress.streaming import check_stage_streamable
+    from lmslim.recipes.single import check_stream_source
 
-    if resolved.path is None or not Path(resolved.path).is_dir() or not list(Path(resolved.path).glob("*.safetensors")):
-        raise UserError(f"--stream reads a local model folder of safetensors files; {resolved.spec} is not one")
+    check_stream_source(resolved)
     for i, (spec, obj) in enumerate(zip(recipe.stages, stage_objs)):
         try:
             check_stage_streamable(spec.name, getattr(obj, "config", None))
@@ -311,9 +311,7 @@ def _run_stage(i: int, spec, obj, prev_spec: str, model_spec: str, recipe, runti
     from lmslim.recipes.stages import STAGES, StageContext
 
     kind = STAGES[spec.name]
-    if sdir.exists():
-        shutil.rmtree(sdir)
-    sdir.mkdir(parents=True)
+    _empty(sdir)
     t0 = time.perf_counter()
     lm = load_model(prev_spec, task=recipe.eval.task, dtype=runtime.dtype, device=runtime.device)
     ctx = StageContext(recipe=recipe, runtime=runtime, work_dir=sdir / "scratch", input_spec=model_spec)
@@ -344,14 +342,19 @@ def _run_stage_streamed(spec, obj, prev_spec: str, recipe, runtime, sdir: Path, 
     from lmslim.modelio import resolve
     from lmslim.recipes.single import stream_stage
 
-    if sdir.exists():
-        shutil.rmtree(sdir)
-    sdir.mkdir(parents=True)
+    _empty(sdir)
     t0 = time.perf_counter()
     report = stream_stage(recipe, spec.name, obj, resolve(prev_spec).path, sdir / "model", runtime,
                           max_activation_mb=max_activation_mb)
     failpoint("compress-stage")
     _finish_stage(spec, sdir, fp, report, t0, None, keep_cache=False)
+
+
+def _empty(sdir: Path) -> None:
+    """A stage folder with nothing in it (what an interrupted attempt left is removed)."""
+    if sdir.exists():
+        shutil.rmtree(sdir)
+    sdir.mkdir(parents=True)
 
 
 def _finish_stage(spec, sdir: Path, fp: str, report: dict | None, t0: float, artifact: str | None,

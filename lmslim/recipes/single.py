@@ -94,7 +94,6 @@ def run_streaming_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, max_a
     Same report and output folder contract (``lmslim.compress.streaming.stream_compress``); the input
     must be a local folder of safetensors files.
     """
-    from lmslim.core.errors import UserError
     from lmslim.core.io import atomic_write_json
     from lmslim.measure.bench import peak_rss_mb
     from lmslim.modelio import resolve
@@ -102,8 +101,7 @@ def run_streaming_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, max_a
 
     name = recipe.stages[0].name
     resolved = resolve(recipe.model)
-    if resolved.path is None or not Path(resolved.path).is_dir():
-        raise UserError(f"--stream reads a local model folder of safetensors files; {recipe.model} is not one")
+    check_stream_source(resolved)
     t0 = time.perf_counter()
     # read once for the hash and dropped from the page cache: a model larger than memory must not
     # fill the process's memory group with clean pages before the first block
@@ -120,6 +118,15 @@ def run_streaming_stage(recipe: Any, obj: Any, out: Path, runtime: Any, *, max_a
 
     return stream_stage(recipe, name, obj, resolved.path, out, runtime, max_activation_mb=max_activation_mb,
                         finalize=finalize)
+
+
+def check_stream_source(resolved: Any) -> None:
+    """A streamed run reads a local folder of safetensors files (a ``ResolvedModel``); one line otherwise."""
+    path = resolved.path
+    if path is None or not Path(path).is_dir() or not any(Path(path).glob("*.safetensors")):
+        from lmslim.core.errors import UserError
+
+        raise UserError(f"--stream reads a local model folder of safetensors files; {resolved.spec} is not one")
 
 
 def check_stream_options(stream: bool, max_activation_mb: float | None) -> None:

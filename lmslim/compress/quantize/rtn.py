@@ -77,33 +77,31 @@ def replace_with_quant(model, name: str, module, scheme: Scheme, kernel: str, we
     return q
 
 
-@QUANTIZERS.register("rtn", RTNConfig)
-def _rtn(model, config: RTNConfig, calib=None) -> dict:
+def replace_all(model, targets: dict, scheme: Scheme, kernel: str, clip_search: bool = False) -> None:
+    """RTN every module of ``targets`` (name -> module): on a streamed model each block while it is loaded."""
     from lmslim.compress.calibration import block_stream, each_block
 
-    targets = dict(targets_of(model, config))
-    if block_stream(model) is not None:  # streamed: quantize each block while it is loaded
+    targets = dict(targets)
+    if block_stream(model) is not None:
         for _path, _block, mods in each_block(model, set(targets)):
             for name, module in mods.items():
-                replace_with_quant(model, name, module, config.scheme, config.kernel, clip_search=config.clip_search)
+                replace_with_quant(model, name, module, scheme, kernel, clip_search=clip_search)
                 del targets[name]
-    for name, module in targets.items():
-        replace_with_quant(model, name, module, config.scheme, config.kernel, clip_search=config.clip_search)
+    for name, module in targets.items():  # everything (in memory), or what lies outside the blocks
+        replace_with_quant(model, name, module, scheme, kernel, clip_search=clip_search)
+
+
+@QUANTIZERS.register("rtn", RTNConfig)
+def _rtn(model, config: RTNConfig, calib=None) -> dict:
+    replace_all(model, dict(targets_of(model, config)), config.scheme, config.kernel, config.clip_search)
     return {}
+
+
+INT8_PER_CHANNEL = Scheme(bits=8, group_size=None, symmetric=True)  # dynamic int8's (and SmoothQuant's) grid
 
 
 @QUANTIZERS.register("dynamic-int8", DynamicInt8Config)
 def dynamic_int8(model, config: DynamicInt8Config, calib=None) -> dict:
     """Swap every targeted matrix for int8 per-channel weights on an int8 kernel."""
-    from lmslim.compress.calibration import block_stream, each_block
-
-    scheme = Scheme(bits=8, group_size=None, symmetric=True)
-    targets = dict(targets_of(model, config))
-    if block_stream(model) is not None:  # streamed: quantize each block while it is loaded
-        for _path, _block, mods in each_block(model, set(targets)):
-            for name, module in mods.items():
-                replace_with_quant(model, name, module, scheme, config.kernel)
-                del targets[name]
-    for name, module in targets.items():
-        replace_with_quant(model, name, module, scheme, config.kernel)
+    replace_all(model, dict(targets_of(model, config)), INT8_PER_CHANNEL, config.kernel)
     return {}

@@ -33,9 +33,8 @@ from torch import nn
 
 from lmslim.compress.calibration import InputStats, sequential
 from lmslim.compress.quantize.api import QUANTIZERS, TargetSpec, targets_of
-from lmslim.compress.quantize.rtn import replace_with_quant
+from lmslim.compress.quantize.rtn import INT8_PER_CHANNEL, replace_with_quant
 from lmslim.core.errors import UserError
-from lmslim.nn.scheme import Scheme
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,6 @@ def _smoothquant(model, config: SmoothQuantConfig, calib: torch.Tensor | None) -
     if calib is None or calib.numel() == 0:
         raise UserError("SmoothQuant needs calibration data; none was given")
     targets = dict(targets_of(model, config))
-    scheme = Scheme(bits=8, group_size=None, symmetric=True)  # dynamic int8's grid
     pending: dict[str, tuple[list, dict, InputStats]] = {}
     smoothed = 0
 
@@ -158,13 +156,13 @@ def _smoothquant(model, config: SmoothQuantConfig, calib: torch.Tensor | None) -
             smooth_(producer, consumers, maxima[names[0]], config.alpha)
         smoothed += len(groups)
         for name, module in mods.items():
-            replace_with_quant(model, name, module, scheme, config.kernel)
+            replace_with_quant(model, name, module, INT8_PER_CHANNEL, config.kernel)
             del targets[name]
 
     for _ in sequential(model, calib, set(targets), config.batch_size, watch, after_block=compress):
         pass
     for name, module in targets.items():  # outside the blocks (an LM head): quantized without smoothing
-        replace_with_quant(model, name, module, scheme, config.kernel)
+        replace_with_quant(model, name, module, INT8_PER_CHANNEL, config.kernel)
     if not smoothed:
         log.warning("SmoothQuant: no smoothable (norm/linear -> linear) pairs in %s; quantized without smoothing",
                     type(model).__name__)
